@@ -1,0 +1,56 @@
+"""``nnunet-mtl plan``: nnU-Net's fingerprint, planning and preprocessing, then the derived multi-task plans."""
+
+from __future__ import annotations
+
+import argparse
+
+from nnunet_mtl.cli import CliError, add_workdir_argument
+
+EPILOG = """\
+writes into nnUNet_preprocessed/Dataset<NNN>_<name>/:
+  nnUNetPlans.json (or nnUNetResEncUNetMPlans.json)   nnU-Net's own plans, untouched
+  nnUNetPlans_3d_fullres/                             nnU-Net's preprocessed data (shared by all plans below)
+  nnUNetPlans_MTL.json                                multi-task plans: our network around nnU-Net's U-Net
+  nnUNetPlans_MTLdemo.json                            with --preset demo: 4 stages, 16 base features, patch
+                                                      <= 32x64x64, batch 2 (trains on 2 CPU cores in minutes)
+  splits_final.json                                   copied from the import: fold 0 = published split
+
+examples:
+  nnunet-mtl plan 501 --preset demo
+  nnunet-mtl plan Dataset501_Pancreas --planner resenc-m --head multiscale
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plan", help="plan and preprocess with nnU-Net, write multi-task plans",
+                                   description=__doc__, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset id (e.g. 501) or name (Dataset501_Pancreas)")
+    parser.add_argument("--planner", choices=["default", "resenc-m"], default="default",
+                        help="nnU-Net planner: default (ExperimentPlanner, PlainConvUNet) or resenc-m "
+                             "(nnUNetPlannerResEncM, ResidualEncoderUNet)")
+    parser.add_argument("--preset", choices=["demo"], default=None,
+                        help="also write a small CPU-friendly configuration (plans only, same preprocessing)")
+    parser.add_argument("--head", choices=["bottleneck", "multiscale"], default="bottleneck",
+                        help="classification head: bottleneck (report's GAP + linear) or multiscale (pooled "
+                             "features of the last 3 encoder stages + MLP)")
+    parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
+    parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
+    add_workdir_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunet_mtl import paths
+
+    paths.configure(args.workdir)
+    from nnunet_mtl.planning.plans import plan_and_preprocess
+
+    try:
+        written = plan_and_preprocess(args.dataset, args.planner, args.preset, args.head, args.processes,
+                                      args.force)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise CliError(str(e)) from None
+    for name, path in written.items():
+        print(f"multi-task plans {name}: {path}")
+    return 0

@@ -1,0 +1,101 @@
+"""``nnunet-mtl predict``, ``submission`` and ``check-submission``: masks and subtypes in the task's format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nnunet_mtl.cli import CliError
+
+EPILOG = """\
+writes into OUT:
+  <case>.nii.gz               uint8 mask (0 background, 1 pancreas, 2 lesion), same size, spacing, origin and
+                              direction as <case>_0000.nii.gz
+  subtype_results.csv         header exactly Names,Subtype; rows like quiz_037.nii.gz,0
+  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (softmax, aggregated over tiles, mirrors, folds)
+
+modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
+crops that fit one patch in a single pass padded to the network stride only (see README for measured speed).
+A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
+and the exit status is 1 when any case failed.
+
+examples:
+  nnunet-mtl predict -i data/test -o preds -m nnunet_mtl_work/nnUNet_results/Dataset501_Pancreas/nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres
+  nnunet-mtl predict -i data/test -o preds -m MODEL --fast --device cuda
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="masks and a subtype per case for a folder of CT images",
+                                   description=__doc__, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--input", type=Path, required=True, help="folder of <case>_0000.nii.gz images")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("-m", "--model", type=Path, required=True,
+                        help="trained model folder (nnUNetTrainerMTL__<plans>__3d_fullres)")
+    parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all found)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file name (default: checkpoint_final.pth, else best, else latest)")
+    parser.add_argument("--fast", action="store_true", help="fast mode (see below)")
+    parser.add_argument("--aggregation", choices=["lesion_weighted", "mean"], default="lesion_weighted",
+                        help="how tile subtype logits become one per case (default lesion_weighted)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
+    parser.set_defaults(func=run_predict)
+
+    sub = subparsers.add_parser("submission", help="zip masks + subtype_results.csv (flat) for the task",
+                                epilog="example:\n  nnunet-mtl submission preds --zip results.zip",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("prediction_dir", type=Path)
+    sub.add_argument("--zip", type=Path, required=True, dest="zip_path")
+    sub.set_defaults(func=run_submission)
+
+    check = subparsers.add_parser("check-submission", help="validate a submission zip against the test images",
+                                  epilog="example:\n  nnunet-mtl check-submission results.zip --images data/test",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("zip_path", type=Path)
+    check.add_argument("--images", type=Path, required=True, help="folder of test images <case>_0000.nii.gz")
+    check.add_argument("--num-subtypes", type=int, default=3)
+    check.set_defaults(func=run_check)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.predict import InputError, PredictionMode, predict_folder
+    from nnunet_mtl.training.run import resolve_device
+
+    mode = PredictionMode.fast(args.aggregation) if args.fast else PredictionMode(aggregation=args.aggregation)
+    try:
+        report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
+                                resolve_device(args.device), mode, overwrite=args.overwrite)
+    except (InputError, FileNotFoundError, RuntimeError) as e:
+        raise CliError(str(e)) from None
+    times = list(report.seconds_per_case.values())
+    mean = f", {sum(times) / len(times):.2f} s per case" if times else ""
+    print(f"predicted {len(report.predicted)}, kept {len(report.skipped)} from an earlier run, "
+          f"failed {len(report.failed)}{mean}; outputs in {args.output}")
+    for message in report.failed.values():
+        print(f"FAILED {message}")
+    return 1 if report.failed else 0
+
+
+def run_submission(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.submission import pack_submission
+
+    try:
+        cases = pack_submission(args.prediction_dir, args.zip_path)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.submission import check_submission
+
+    problems = check_submission(args.zip_path, args.images, args.num_subtypes)
+    if problems:
+        for p in problems:
+            print(f"- {p}")
+        raise CliError(f"{args.zip_path}: {len(problems)} problem(s)")
+    print(f"{args.zip_path}: valid")
+    return 0

@@ -1,0 +1,118 @@
+"""``nnunet-mtl train``: one network for segmentation and subtype, nnU-Net's trainer underneath."""
+
+from __future__ import annotations
+
+import argparse
+
+from nnunet_mtl.cli import CliError, add_workdir_argument
+
+EPILOG = """\
+outputs (nnU-Net's layout, so nnU-Net's tools understand the folder):
+  nnUNet_results/Dataset<NNN>_<name>/nnUNetTrainerMTL__<plans>__3d_fullres/
+    plans.json, dataset.json
+    fold_<k>/checkpoint_{latest,best,final}.pth   latest every epoch (atomic); best by the combined score
+    fold_<k>/progress.png                         nnU-Net's curves
+    fold_<k>/progress_classification.png          loss parts, case-level Dice, accuracy, macro-F1
+    fold_<k>/training_curves.json                 every logged value per epoch
+    fold_<k>/validation/                          masks, subtype_results.csv, metrics.json of the fold
+
+best checkpoint: highest EMA of 0.5 x (whole-pancreas Dice + lesion Dice) / 2 + 0.5 x macro-F1, all measured
+per validation case every --case-validation-every epochs.
+
+examples:
+  nnunet-mtl train 501 --plans demo --epochs 12 --iterations 50 --device cpu
+  nnunet-mtl train 501 --plans resenc-m --device cuda                 # the report's protocol: 1000 x 250
+  nnunet-mtl train 501 --plans demo --resume                          # continue after an interruption
+  nnunet-mtl train 501 --initial-weights seg_only_nnunet.pth --freeze encoder --epochs 50
+multi-GPU: use nnU-Net's DDP path, e.g. `nnUNet_extTrainer=$(nnunet-mtl ext-trainer-path) nnUNetv2_train 501
+  3d_fullres 0 -tr nnUNetTrainerMTL -p nnUNetPlans_MTL -num_gpus 2` (see README).
+"""
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes/no, got {value!r}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train the multi-task network on one fold (resumable)",
+                                   description=__doc__, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset id or name")
+    parser.add_argument("--fold", default="0", help="fold (0 = published train/validation split; 1-5 CV; all)")
+    parser.add_argument("--plans", default="default",
+                        help="default | resenc-m | demo, or a plans identifier (default: default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--epochs", type=int, help="epochs (nnU-Net: 1000)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch (nnU-Net: 250)")
+    parser.add_argument("--val-iterations", type=int, help="validation patches per epoch (nnU-Net: 50)")
+    parser.add_argument("--lr", type=float, dest="initial_lr", help="initial learning rate (nnU-Net: 0.01)")
+    parser.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
+    parser.add_argument("--initial-weights", help="start from a checkpoint: ours or a segmentation-only nnU-Net "
+                                                  "one (the head then starts fresh)")
+    parser.add_argument("--freeze", nargs="+", choices=["encoder", "decoder", "head"], default=[],
+                        help="parts whose weights do not change (fine-tune one task)")
+    group = parser.add_argument_group("classification")
+    group.add_argument("--cls-weight", type=float, dest="classification_loss_weight",
+                       help="weight of the subtype loss (default 0.3)")
+    group.add_argument("--class-weighting", choices=["inverse_frequency", "none"],
+                       help="subtype CE class weights (default inverse_frequency)")
+    group.add_argument("--label-smoothing", type=float, help="subtype CE label smoothing (default 0)")
+    group.add_argument("--lesion-centred", type=_bool, dest="lesion_centred_sampling", metavar="yes|no",
+                       help="centre foreground-forced patches on the lesion (default yes)")
+    group.add_argument("--class-balanced", type=_bool, dest="class_balanced_sampling", metavar="yes|no",
+                       help="sample cases so every subtype is seen equally often (default no)")
+    group.add_argument("--oversample-foreground", type=float, dest="oversample_foreground_percent",
+                       help="share of patches forced to contain foreground (nnU-Net: 0.33)")
+    group.add_argument("--case-validation-every", type=int,
+                       help="epochs between case-level validations (default 1)")
+    group.add_argument("--final-validation-fast", type=_bool, metavar="yes|no",
+                       help="predict the validation fold at the end in fast mode instead of nnU-Net's default "
+                            "(step 0.5, mirroring) (default no)")
+    parser.add_argument("--no-validation", action="store_true", help="skip the final validation-fold prediction")
+    add_workdir_argument(parser)
+    parser.set_defaults(func=run)
+    register_ext_trainer_path(subparsers)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunet_mtl import paths
+
+    paths.configure(args.workdir)
+    from nnunet_mtl.training.run import TrainSettings, train
+
+    settings = TrainSettings(
+        epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
+        initial_lr=args.initial_lr, classification_loss_weight=args.classification_loss_weight,
+        class_weighting=args.class_weighting, label_smoothing=args.label_smoothing,
+        lesion_centred_sampling=args.lesion_centred_sampling, class_balanced_sampling=args.class_balanced_sampling,
+        oversample_foreground_percent=args.oversample_foreground_percent,
+        case_validation_every=args.case_validation_every,
+        final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze))
+    try:
+        result = train(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
+                       initial_weights=args.initial_weights, validate=not args.no_validation)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise CliError(str(e)) from None
+    print(f"model folder: {result['model_folder']}")
+    return 0
+
+
+def register_ext_trainer_path(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ext-trainer-path", help="print the folder to set as nnUNet_extTrainer for nnU-Net's own CLI",
+        epilog="example:\n  export nnUNet_extTrainer=$(nnunet-mtl ext-trainer-path)\n"
+               "  nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerMTL -p nnUNetPlans_MTL -num_gpus 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=lambda args: print(ext_trainer_path()) or 0)
+
+
+def ext_trainer_path() -> str:
+    from pathlib import Path
+
+    import nnunet_mtl
+
+    return str(Path(nnunet_mtl.__file__).parent / "nnunet_ext")

@@ -1,0 +1,131 @@
+"""The one network class used for training and prediction: nnU-Net's planned U-Net plus a subtype head.
+
+nnU-Net builds networks from the plans by dotted class name (``get_network_from_plans``), passing the planned
+architecture kwargs. Our derived plans name :class:`MultiTaskUNet` and add ``backbone`` (the class nnU-Net planned,
+PlainConvUNet or ResidualEncoderUNet) and the head settings, so nnU-Net's own builder makes our network, in the
+trainer and in the predictor alike.
+
+The backbone's ``encoder`` and ``decoder`` become our own attributes, so the state-dict keys of the U-Net part are
+exactly those of a plain nnU-Net model (``encoder.*``, ``decoder.*``) and nnU-Net checkpoints load into it, with
+only ``classifier.*`` left fresh. One encoder pass per forward feeds both heads.
+"""
+
+from __future__ import annotations
+
+import pydoc
+from typing import Any
+
+import torch
+from torch import nn
+
+HEAD_KINDS = ("bottleneck", "multiscale")
+
+
+class BottleneckHead(nn.Module):
+    """The report's head: global average pool of the deepest encoder stage, one linear layer."""
+
+    def __init__(self, channels: list[int], num_subtypes: int):
+        super().__init__()
+        self.linear = nn.Linear(channels[-1], num_subtypes)
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        deepest = skips[-1]
+        return self.linear(deepest.mean(dim=tuple(range(2, deepest.ndim))))
+
+
+class MultiScaleHead(nn.Module):
+    """Pooled features of the last ``n_stages`` encoder stages, concatenated, then a small MLP with dropout.
+
+    Public attempts found shallower stages carry more of the texture that tells subtypes apart than the bottleneck
+    alone; average and max pooling together keep both the overall and the most lesion-like response.
+    """
+
+    def __init__(self, channels: list[int], num_subtypes: int, n_stages: int = 3, hidden: int = 128,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.n_stages = min(n_stages, len(channels))
+        in_features = 2 * sum(channels[-self.n_stages:])
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.LeakyReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_subtypes),
+        )
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        pooled = []
+        for feature in skips[-self.n_stages:]:
+            flat = feature.flatten(2)
+            pooled += [flat.mean(dim=2), flat.amax(dim=2)]
+        return self.mlp(torch.cat(pooled, dim=1))
+
+
+class MultiTaskUNet(nn.Module):
+    """Shared encoder, nnU-Net segmentation decoder, subtype classification head.
+
+    ``forward`` returns ``(segmentation, subtype_logits)``; segmentation is a list (deep supervision) in training,
+    one tensor otherwise. With ``return_classification = False`` it returns segmentation alone, which is what
+    nnU-Net's stock predictor and validation expect.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, backbone: str, num_subtypes: int,
+                 head: str = "bottleneck", head_stages: int = 3, head_hidden: int = 128, head_dropout: float = 0.3,
+                 deep_supervision: bool = False, return_classification: bool = True, **backbone_kwargs: Any):
+        super().__init__()
+        backbone_class = pydoc.locate(backbone)
+        if backbone_class is None:
+            raise ImportError(f"backbone class {backbone!r} named in the plans cannot be imported")
+        if head not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {head!r}; choose one of {HEAD_KINDS}")
+        unet = backbone_class(input_channels=input_channels, num_classes=num_classes,
+                              deep_supervision=deep_supervision, **backbone_kwargs)
+        self._backbone_class = backbone_class
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        channels = list(self.encoder.output_channels)
+        if head == "bottleneck":
+            self.classifier: nn.Module = BottleneckHead(channels, num_subtypes)
+        else:
+            self.classifier = MultiScaleHead(channels, num_subtypes, head_stages, head_hidden, head_dropout)
+        self.num_subtypes = num_subtypes
+        self.head_kind = head
+        self.return_classification = return_classification
+
+    def forward(self, x: torch.Tensor):
+        skips = self.encoder(x)
+        segmentation = self.decoder(skips)
+        if not self.return_classification:
+            return segmentation
+        return segmentation, self.classifier(skips)
+
+    def initialize(self, module: nn.Module) -> None:
+        """Called by nnU-Net's builder through ``network.apply(network.initialize)``: the backbone's own init."""
+        self._backbone_class.initialize(module)
+
+
+def parameter_counts(model: MultiTaskUNet) -> dict[str, int]:
+    """True parameter counts per part, each tensor counted once.
+
+    The decoder holds a reference to the encoder, so ``decoder.parameters()`` (and the state dict) would count the
+    encoder twice; we count the decoder as what it has beyond the encoder.
+    """
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    encoder = sum(p.numel() for p in model.encoder.parameters())
+    decoder = sum(p.numel() for p in model.decoder.parameters() if id(p) not in encoder_ids)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"encoder": encoder, "decoder": decoder, "head": head, "total": total}
+
+
+def load_segmentation_weights(model: MultiTaskUNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load U-Net weights (ours or a segmentation-only nnU-Net checkpoint); return the head keys left fresh.
+
+    Anything other than missing head weights is an error: a silent partial load would train from a wrong start.
+    """
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    result = model.load_state_dict(state_dict, strict=False)
+    not_head = [k for k in result.missing_keys if not k.startswith("classifier.")]
+    if not_head or result.unexpected_keys:
+        raise ValueError(f"checkpoint does not fit this network: missing {not_head[:5]}, "
+                         f"unexpected {list(result.unexpected_keys)[:5]}")
+    return list(result.missing_keys)

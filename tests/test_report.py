@@ -1,0 +1,196 @@
+"""The report: a valid, self-contained HTML page that embeds every figure written, and readable figures."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_evaluation import label_map, make_synthetic_set
+
+from nnunet_mtl.cli import main
+from nnunet_mtl.evaluation.evaluate import evaluate_folder
+from nnunet_mtl.evaluation.metrics import classification_metrics
+from nnunet_mtl.evaluation.report import (
+    ReportError,
+    build_report,
+    lesion_slice,
+    plot_confusion_matrix,
+    plot_dice_distribution,
+    plot_overlay,
+    plot_reliability,
+    plot_training_curves,
+    select_overlay_cases,
+)
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+ALL_FIGURES = {"confusion_matrix.png", "dice_distribution.png", "training_curves.png", "reliability_diagram.png",
+               "overlay_best.png", "overlay_median.png", "overlay_worst.png"}
+CURVES = {"train_losses": [-0.1, -0.3, -0.5], "val_losses": [-0.05, -0.2, -0.4], "train_cls_losses": [1.1, 0.9, 0.7],
+          "mean_fg_dice": [0.5, 0.7, 0.8], "ema_fg_dice": [0.5, 0.6, 0.7], "val_case_lesion_dice": [0.1, 0.3, 0.4],
+          "val_cls_macro_f1": [0.3, None, 0.6], "lrs": [0.01, 0.0067, 0.0034], "epoch_end_timestamps": [1.0, 2.0, 3.0],
+          "dice_per_class_or_region": [[0.5, 0.4], [0.7, 0.5], [0.8, 0.6]]}
+
+
+class StrictParser(HTMLParser):
+    """html.parser plus the checks it does not make: balanced tags, one doctype, every src/href collected."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: Counter = Counter()
+        self.images: list[dict] = []
+        self.links: list[str] = []
+        self.doctype = ""
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = decl
+
+    def handle_starttag(self, tag, attrs) -> None:
+        attributes = dict(attrs)
+        self.tags[tag] += 1
+        self.links += [attributes[k] for k in ("src", "href") if k in attributes]
+        if tag == "img":
+            self.images.append(attributes)
+        if tag not in VOID_TAGS:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def parse_page(path: Path) -> StrictParser:
+    parser = StrictParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.errors == [] and parser.stack == [], (parser.errors, parser.stack)
+    assert parser.doctype.lower() == "doctype html"
+    assert parser.tags["html"] == parser.tags["head"] == parser.tags["body"] == parser.tags["title"] == 1
+    return parser
+
+
+def assert_self_contained(page: Path, parser: StrictParser) -> None:
+    text = page.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    assert parser.tags["script"] == 0 and parser.tags["link"] == 0 and "url(" not in text
+    assert all(link.startswith("data:image/png;base64,") for link in parser.links)
+
+
+def assert_embeds_every_figure(out: Path, parser: StrictParser) -> set[str]:
+    written = {p.name for p in out.glob("*.png")}
+    embedded = {img["data-file"]: img["src"] for img in parser.images}
+    assert set(embedded) == written and len(parser.images) == len(written)
+    for name, src in embedded.items():
+        assert base64.b64decode(src.split(",", 1)[1]) == (out / name).read_bytes()
+    return written
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> dict[str, Path]:
+    """A fold folder with training curves and an evaluated validation/ prediction folder."""
+    root = tmp_path_factory.mktemp("run")
+    folders = make_synthetic_set(root, n_cases=6)
+    fold = root / "fold_0"
+    fold.mkdir()
+    folders["pred"] = folders["pred"].rename(fold / "validation")
+    (fold / "training_curves.json").write_text(json.dumps(CURVES))
+    evaluate_folder(folders["pred"], folders["truth"], images_dir=folders["images"])
+    return {**folders, "fold": fold}
+
+
+def test_report_from_prediction_folder_is_valid_self_contained_html(evaluated_run, tmp_path):
+    page = build_report(evaluated_run["pred"], out_dir=tmp_path / "report")
+    assert page == tmp_path / "report" / "report.html"
+    parser = parse_page(page)
+    assert_self_contained(page, parser)
+    # training curves are found in the fold folder above validation/
+    assert assert_embeds_every_figure(page.parent, parser) == ALL_FIGURES
+    text = page.read_text(encoding="utf-8")
+    for case in ("quiz_000", "quiz_005"):
+        assert f"<td>{case}</td>" in text  # the per-case table
+    assert "Confusion matrix (rows truth, columns prediction)" in text and "macro F1" in text
+
+
+def test_report_of_training_fold_via_cli(evaluated_run, capsys):
+    assert main(["report", str(evaluated_run["fold"])]) == 0
+    page = evaluated_run["fold"] / "report" / "report.html"
+    assert str(page) in capsys.readouterr().out
+    parser = parse_page(page)
+    assert_self_contained(page, parser)
+    assert assert_embeds_every_figure(page.parent, parser) == ALL_FIGURES
+
+
+def test_report_without_images_or_probabilities_or_curves(tmp_path):
+    folders = make_synthetic_set(tmp_path, n_cases=3, probabilities=False)
+    evaluate_folder(folders["pred"], folders["truth"])
+    page = build_report(folders["pred"])
+    assert page == folders["pred"] / "report" / "report.html"
+    parser = parse_page(page)
+    assert assert_embeds_every_figure(page.parent, parser) == {"confusion_matrix.png", "dice_distribution.png"}
+    text = page.read_text(encoding="utf-8")
+    assert "CT overlays skipped" in text and "no training curves" in text
+
+
+def test_report_of_curves_only_and_of_nothing(tmp_path, capsys):
+    curves, empty = tmp_path / "curves", tmp_path / "empty"
+    curves.mkdir()
+    empty.mkdir()
+    (curves / "training_curves.json").write_text(json.dumps(CURVES))
+    page = build_report(curves)
+    assert assert_embeds_every_figure(page.parent, parse_page(page)) == {"training_curves.png"}
+    with pytest.raises(ReportError, match="neither metrics.json"):
+        build_report(empty)
+    assert main(["report", str(empty)]) == 2
+    assert "nnunet-mtl evaluate" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="holds no training_curves.json"):
+        build_report(curves, training_dir=empty)
+
+
+def assert_readable(figure) -> None:
+    """Every panel says what it shows: a title and both axis labels."""
+    assert figure.axes
+    for ax in figure.axes:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax
+
+
+def test_figures_have_titles_axis_labels_and_class_names():
+    names = ["solid", "cystic", "enhancing"]
+    confusion = plot_confusion_matrix([[6, 2, 1], [0, 14, 1], [1, 4, 7]], names)
+    assert_readable(confusion)
+    for ax in confusion.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+    per_case = [{"case": f"c{i}", "dice_pancreas": 0.9, "dice_lesion": 0.1 * i, "nsd_pancreas": 0.95,
+                 "nsd_lesion": 0.5, "subtype_true": i % 3} for i in range(6)]
+    assert_readable(plot_dice_distribution(per_case, names, 2.0, {"dice_pancreas": 0.91}))
+    assert_readable(plot_training_curves(CURVES, 0.7))
+    assert plot_training_curves({"unknown": [1, 2]}) is None
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet([1, 1, 1], 30)
+    calibration = classification_metrics(rng.integers(0, 3, 30), probabilities.argmax(1), probabilities,
+                                         names)["calibration"]
+    assert_readable(plot_reliability(calibration))
+    truth = label_map((12, 40, 50), (6, 20, 25), (4, 12, 18), (6, 20, 32), (3, 5, 6))
+    image = np.where(truth > 0, 60, -90).astype(np.int16)
+    assert_readable(plot_overlay(image, truth, np.roll(truth, 2, axis=2), (2.0, 0.7, 0.7), "case"))
+
+
+def test_overlay_case_and_slice_selection():
+    rows = [{"case": c, "dice_pancreas": p, "dice_lesion": q}
+            for c, p, q in (("a", 0.9, 0.1), ("b", 0.95, 0.8), ("c", 0.92, 0.5), ("d", 0.5, 0.0), ("e", 0.9, 0.6))]
+    assert select_overlay_cases(rows) == {"b": ["best"], "c": ["median"], "d": ["worst"]}
+    assert select_overlay_cases(rows[:1]) == {"a": ["best", "median", "worst"]}
+    truth = np.zeros((10, 8, 8), np.uint8)
+    truth[2:8, 2:6, 2:6] = 1
+    assert lesion_slice(truth) == 2  # no lesion: the slice with the most pancreas (first of equals)
+    truth[6, 3:5, 3:5], truth[4, 3, 3] = 2, 2
+    assert lesion_slice(truth) == 6
+    assert lesion_slice(np.zeros((10, 8, 8), np.uint8)) == 5
