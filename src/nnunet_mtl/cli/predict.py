@@ -20,7 +20,8 @@ A run started again skips cases already finished; a case that fails is reported,
 and the exit status is 1 when any case failed.
 
 examples:
-  nnunet-mtl predict -i data/test -o preds -m nnunet_mtl_work/nnUNet_results/Dataset501_Pancreas/nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres
+  nnunet-mtl predict -i data/test -o preds \\
+      -m work/nnUNet_results/Dataset501_Pancreas/nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres
   nnunet-mtl predict -i data/test -o preds -m MODEL --fast --device cuda
 """
 

@@ -408,3 +408,13 @@ def format_summary(summary: dict) -> str:
             lines.append(f"target {target['label']} >= {target['threshold']:g}: {target['value']:.4f} {verdict}")
     lines.extend(f"note: {n}" for n in summary["notes"])
     return "\n".join(lines)
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The task's case-level numbers in one line: whole-pancreas Dice, lesion Dice, accuracy, macro-F1."""
+    segmentation, classification = metrics["segmentation"], metrics.get("classification") or {}
+    numbers = {"whole_pancreas_dice": segmentation["dice_pancreas"]["mean"],
+               "lesion_dice": segmentation["dice_lesion"]["mean"]}
+    if classification:
+        numbers.update(accuracy=classification["accuracy"], macro_f1=classification["macro"]["f1"])
+    return {k: round(float(v), 4) for k, v in numbers.items()}

@@ -22,6 +22,7 @@ from nnunet_mtl.inference.predictor import MultiTaskPredictor
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+CPU = torch.device("cpu")
 
 
 class InputError(ValueError):
@@ -98,7 +99,7 @@ def find_checkpoints(model_dir: Path, folds: list[str] | None, checkpoint: str |
 
 
 def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: str | None = None,
-                   device: torch.device = torch.device("cpu"), mode: PredictionMode = PredictionMode(),
+                   device: torch.device = CPU, mode: PredictionMode = PredictionMode(),
                    verbose: bool = False) -> MultiTaskPredictor:
     """Our network from the model folder's plans, fed to the predictor directly (no trainer lookup by name)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -151,7 +152,7 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
 
 
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
-                   checkpoint: str | None = None, device: torch.device = torch.device("cpu"),
+                   checkpoint: str | None = None, device: torch.device = CPU,
                    mode: PredictionMode = PredictionMode(), overwrite: bool = False,
                    progress: bool = True) -> PredictionReport:
     """Predict every case; finished cases of an earlier run are kept unless ``overwrite``.

@@ -76,7 +76,7 @@ def _plain(value):
 
 class nnUNetTrainerMTL(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature, kept exactly)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if "case_subtypes" not in dataset_json:
             raise ValueError("dataset.json has no 'case_subtypes': import the dataset with `nnunet-mtl import`")
@@ -332,10 +332,12 @@ class nnUNetTrainerMTL(nnUNetTrainer):
                                "cls", np.round(log("train_cls_losses", step=-1), 4), ")")
         self.print_to_log_file("val_loss", np.round(log("val_losses", step=-1), 4))
         self.print_to_log_file("Pseudo dice", [round(float(i), 4) for i in log("dice_per_class_or_region", step=-1)])
-        self.print_to_log_file(f"case-level: pancreas Dice {log('val_case_pancreas_dice', step=-1):.4f}, lesion "
-                               f"Dice {log('val_case_lesion_dice', step=-1):.4f}, subtype accuracy "
-                               f"{log('val_cls_accuracy', step=-1):.4f}, macro-F1 {log('val_cls_macro_f1', step=-1):.4f}")
-        self.print_to_log_file(f"Epoch time: {log('epoch_end_timestamps', step=-1) - log('epoch_start_timestamps', step=-1):.2f} s")
+        case_numbers = ", ".join(f"{k.removeprefix('val_')} {log(k, step=-1):.4f}" for k in
+                                 ("val_case_pancreas_dice", "val_case_lesion_dice", "val_cls_accuracy",
+                                  "val_cls_macro_f1"))
+        self.print_to_log_file(f"case-level: {case_numbers}")
+        epoch_seconds = log("epoch_end_timestamps", step=-1) - log("epoch_start_timestamps", step=-1)
+        self.print_to_log_file(f"Epoch time: {epoch_seconds:.2f} s")
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
         ema = log("ema_combined_score", step=-1)
@@ -427,7 +429,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
     # -------------------------------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> dict | None:
         """Predict the validation fold (masks in original geometry + subtypes) and score it as the task does."""
-        from nnunet_mtl.evaluation.evaluate import evaluate_folder
+        from nnunet_mtl.evaluation.evaluate import evaluate_folder, headline
 
         self.set_deep_supervision_enabled(False)
         self.network.eval()
@@ -457,14 +459,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
             self.print_to_log_file("raw dataset not found: validation predictions written, not scored")
             return None
         metrics = evaluate_folder(out, raw_dataset, fold=self.fold, out_dir=out)
-        self.print_to_log_file("Validation (case level):", json.dumps(_summary_line(metrics)),
+        self.print_to_log_file("Validation (case level):", json.dumps(headline(metrics)),
                                also_print_to_console=True)
         return metrics
 
-
-def _summary_line(metrics: dict) -> dict:
-    segmentation, classification = metrics["segmentation"], metrics.get("classification") or {}
-    line = {"pancreas_dice": segmentation["dice_pancreas"]["mean"], "lesion_dice": segmentation["dice_lesion"]["mean"]}
-    if classification:
-        line.update(accuracy=classification["accuracy"], macro_f1=classification["macro"]["f1"])
-    return {k: round(float(v), 4) for k, v in line.items()}

@@ -1,0 +1,141 @@
+"""`make demo`: the whole pipeline on embedded phantom data, each stage reused when already done.
+
+phantom -> import -> plan (demo preset) -> train -> predict the test cases (fast) -> evaluate against the phantom's
+test truth -> report -> submission zip (checked). Every stage calls the same functions as its own subcommand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunet_mtl import paths
+
+DEMO_DATASET_ID = 501
+DEMO_DATASET_NAME = "Pancreas"
+
+
+@dataclass
+class DemoConfig:
+    workdir: Path
+    seed: int = 0
+    train_per_subtype: tuple[int, int, int] | None = None  # None: the phantom preset's defaults
+    val_per_subtype: tuple[int, int, int] | None = None
+    n_test: int | None = None
+    epochs: int = 12
+    iterations: int = 40
+    val_iterations: int = 4
+    case_validation_every: int = 3
+    device: str = "auto"
+    fresh: bool = False
+    dataset_id: int = DEMO_DATASET_ID
+
+
+@dataclass
+class DemoResult:
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict | None = None
+
+
+def _stage(result: DemoResult, name: str, done: bool, work: Callable[[], object]) -> None:
+    start = time.perf_counter()
+    if done:
+        result.reused.append(name)
+        print(f"== {name}: already done, reused (use --fresh to start over)")
+    else:
+        print(f"== {name}")
+        work()
+    result.stage_seconds[name] = time.perf_counter() - start
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    workdir = config.workdir.resolve()
+    if config.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    work = paths.configure(workdir)
+    from nnunet_mtl.data.importer import import_dataset, scan_published
+    from nnunet_mtl.data.phantom import generate_phantom_dataset
+    from nnunet_mtl.evaluation.evaluate import evaluate_folder, format_summary, headline
+    from nnunet_mtl.evaluation.report import build_report
+    from nnunet_mtl.inference.predict import PredictionMode, predict_folder
+    from nnunet_mtl.inference.submission import check_submission, pack_submission
+    from nnunet_mtl.planning.plans import PLANS_CHOICES, plan_and_preprocess
+    from nnunet_mtl.training.run import TrainSettings, resolve_device, train
+
+    result = DemoResult()
+    phantom = workdir / "phantom"
+    dataset = f"Dataset{config.dataset_id:03d}_{DEMO_DATASET_NAME}"
+    raw = work.raw / dataset
+    preprocessed = work.preprocessed / dataset
+    model = work.results / dataset / f"nnUNetTrainerMTL__{PLANS_CHOICES['demo']}__3d_fullres"
+    predictions = workdir / "demo_predictions"
+    submission = workdir / "demo_submission.zip"
+
+    _stage(result, "phantom data", (phantom / "phantom.json").is_file(), lambda: generate_phantom_dataset(
+        phantom, "small", config.seed, config.train_per_subtype, config.val_per_subtype, config.n_test,
+        preview=True))
+    _stage(result, "import", (raw / "dataset.json").is_file(),
+           lambda: print(import_dataset(scan_published(phantom), work.raw, config.dataset_id,
+                                        DEMO_DATASET_NAME).table()))
+    _stage(result, "plan + preprocess", (preprocessed / f"{PLANS_CHOICES['demo']}.json").is_file(),
+           lambda: plan_and_preprocess(config.dataset_id, "default", "demo"))
+    settings = TrainSettings(epochs=config.epochs, iterations=config.iterations, val_iterations=config.val_iterations,
+                             case_validation_every=config.case_validation_every, final_validation_fast=True)
+    _stage(result, "train", (model / "fold_0" / "checkpoint_final.pth").is_file(),
+           lambda: train(config.dataset_id, "demo", 0, config.device, settings, resume=True))
+
+    def predict() -> None:
+        report = predict_folder(model, phantom / "test", predictions, device=resolve_device(config.device),
+                                mode=PredictionMode.fast())
+        if report.failed:
+            raise RuntimeError(f"prediction failed for {sorted(report.failed)}")
+        times = list(report.seconds_per_case.values())
+        if times:
+            print(f"predicted {len(times)} cases, {sum(times) / len(times):.2f} s per case (fast mode)")
+
+    _stage(result, "predict test (fast)", False, predict)
+
+    def evaluate() -> None:
+        result.metrics = evaluate_folder(predictions, phantom / "test_groundtruth", images_dir=phantom / "test",
+                                         out_dir=predictions)
+        print(format_summary(result.metrics))
+
+    _stage(result, "evaluate", False, evaluate)
+    _stage(result, "report", False, lambda: result.outputs.update(
+        report=build_report(predictions, training_dir=model / "fold_0")))
+
+    def zip_and_check() -> None:
+        pack_submission(predictions, submission)
+        problems = check_submission(submission, phantom / "test")
+        if problems:
+            raise RuntimeError(f"submission check failed: {problems}")
+        print(f"{submission}: valid")
+
+    _stage(result, "submission zip", False, zip_and_check)
+    result.outputs.update(phantom=phantom, raw_dataset=raw, model=model, predictions=predictions,
+                          submission=submission, validation=model / "fold_0" / "validation" / "metrics.json")
+    (workdir / "demo_summary.json").write_text(json.dumps(
+        {"stage_seconds": result.stage_seconds, "reused": result.reused,
+         "outputs": {k: str(v) for k, v in result.outputs.items()},
+         "test_metrics": headline(result.metrics) if result.metrics else None}, indent=2))
+    return result
+
+
+def format_result(result: DemoResult) -> str:
+    from nnunet_mtl.evaluation.evaluate import headline
+
+    lines = ["", "nnunet-mtl demo summary", "-----------------------"]
+    if result.metrics:
+        lines += [f"test set (phantom, case level): {headline(result.metrics)}"]
+    lines += ["time per stage:"]
+    lines += [f"  {name:<22} {seconds:7.1f} s{'  (reused)' if name in result.reused else ''}"
+              for name, seconds in result.stage_seconds.items()]
+    lines += [f"  {'total':<22} {sum(result.stage_seconds.values()):7.1f} s", "outputs:"]
+    lines += [f"  {name:<12} {path}" for name, path in result.outputs.items()]
+    return "\n".join(lines)
