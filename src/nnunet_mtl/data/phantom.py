@@ -10,11 +10,13 @@ pancreas (label 1) with its duct, and a lesion (label 2) whose appearance define
 * 1: near-water cyst with a thin enhancing wall and septa (cystic neoplasm-like);
 * 2: hyper-enhancing, round, well-circumscribed mass (neuroendocrine-like).
 
-About one case in eight is atypical (iso-attenuating solid mass, proteinaceous cyst with a nodule, cystic
-degeneration of an enhancing mass), so the subtypes overlap as real ones do. The drawing is blurred (partial volume,
-stronger along z), gets correlated noise and is stored as int16 HU. Masks carry the real data's float quirk on about
-three quarters of the cases. Every case is seeded from ``(seed, split, subtype, index)``, so changing the counts of
-one split or subtype leaves the content of the other cases unchanged.
+About one case in eight is atypical (iso-attenuating or necrotic solid mass, proteinaceous cyst with thick septa,
+weakly enhancing or cystic enhancing mass), so the subtypes overlap as real ones do. The drawing is blurred (partial
+volume, stronger along z), gets correlated noise and is stored as int16 HU. Masks carry the real data's float quirk
+on about three quarters of the cases. The anatomy is always drawn in the same array order; a quarter of the headers
+get a flipped (x, y) direction, so downstream code must copy geometry rather than assume it. Every case is seeded
+from ``(seed, split, subtype, index)``, so changing the counts of one split or subtype leaves the content of the
+other cases unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import csv
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,6 @@ from scipy import ndimage
 from nnunet_mtl import __version__
 
 SUBTYPES = (0, 1, 2)
-SPLITS = ("train", "validation", "test")
 REAL_TRAIN = (62, 106, 84)
 REAL_VALIDATION = (9, 15, 12)
 REAL_TEST = 72
@@ -223,7 +223,7 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset) -> tuple[
 
     # Pancreas centre line (z, y, x in units of the crop half-size; y posterior, x patient left): uncinate/head on
     # the right, neck in front of the SMV, body over the SMA and aorta, tail rising back towards the spleen.
-    zs = min(0.85 * hz, 42 * s)
+    zs = min(0.8 * hz, 70 * s)
     ctrl = np.array([[-0.55, 0.15, -0.55], [-0.25, -0.05, -0.68], [0.0, -0.42, -0.25],
                      [0.12, -0.38, 0.15], [0.28, -0.1, 0.5], [0.42, 0.22, 0.78]])
     ctrl += rng.normal(0, 0.04, ctrl.shape)
@@ -313,7 +313,7 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset) -> tuple[
     tube = _tube(cv, ctrl, pr, margin=4.0 * s)
     assert tube is not None  # the centre line lies inside the crop by construction
     pbox, psd, pts = tube
-    psd -= np.float32(1.6 * s) * _noise(rng, cv, pbox, 3.5 * s) + np.float32(1.0 * s) * _noise(rng, cv, pbox, 9 * s)
+    psd -= np.float32(2.2 * s) * _noise(rng, cv, pbox, 3.5 * s) + np.float32(1.0 * s) * _noise(rng, cv, pbox, 9 * s)
     texture = parenchyma + rng.uniform(5, 10) * _noise(rng, cv, pbox, 2.5 * s)
     fatty = rng.uniform(0, 0.35) * np.clip(_noise(rng, cv, pbox, 2.0 * s) - 1.0, 0, 1)  # fat between the lobules
     cv.paint(pbox, psd - 2.5 * s, fat + 10.0, edge=2.0)  # the fat plane around the gland
@@ -341,14 +341,15 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset) -> tuple[
     z_rv = z_sma - rng.uniform(8, 14) * s
     renal = np.array([[z_rv, vert[1] - 5 * s, vert[2] + 55 * s], [z_rv, aorta[1] - r_ao - 2 * s, aorta[2] + 12 * s],
                       [z_rv, aorta[1] - r_ao - 3 * s, aorta[2]], [z_rv - 3 * s, ivc[0], ivc[1]]])
-    i_tail = np.searchsorted(np.linspace(0, 1, len(pts)), 0.3)
-    splenic = pts[i_tail:: max(1, len(pts) // 12)].copy()
+    # The splenic vein runs in a groove along the back of the body and tail, into the portal confluence.
+    splenic = pts[np.searchsorted(np.linspace(0, 1, len(pts)), 0.3):: max(1, len(pts) // 12)].copy()
     r_at = np.interp(np.linspace(0.3, 1, len(splenic)), tt, pr)
-    splenic += np.stack([0.3 * r_at, 0.85 * r_at + 2 * s, 0 * r_at], axis=1)
+    splenic += np.stack([0.3 * r_at, 0.85 * r_at + 2 * s, np.zeros_like(r_at)], axis=1)
     splenic = np.vstack([smv + [2 * s, 0, 0], splenic])
     collar = _tube(cv, sma_path, 2.4 * r_sma, margin=1.0)
-    vessels = [(sma_path, r_sma, arterial), (portal, r_smv, venous), (ao_path, r_ao, arterial),
-               (splenic, 3.5 * s, venous), (renal, 4 * s, venous)]
+    # (path, radius, HU, soft-tissue sheath in mm: the diaphragmatic crura hug the aorta)
+    vessels = [(sma_path, r_sma, arterial, 0.0), (portal, r_smv, venous, 0.0), (ao_path, r_ao, arterial, 2.0 * s),
+               (splenic, 3.5 * s, venous, 0.0), (renal, 4 * s, venous, 0.0)]
     if collar:
         box, sd, _ = collar
         cv.paint(box, sd, fat + 10.0)
@@ -358,12 +359,12 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset) -> tuple[
         box, sd = ivc_col
         cv.paint(box, sd, enh(rng.uniform(80, 120)))
         cv.label[box][sd < 0] = 0
-    for path, radius, value in vessels:
-        tube = _tube(cv, path, radius, margin=1.5)
+    for path, radius, value, sheath in vessels:
+        tube = _tube(cv, path, radius, margin=1.5 + sheath)
         if tube:
             box, sd, _ = tube
-            if radius == r_ao:  # the diaphragmatic crura hug the aorta
-                cv.paint(box, sd - 2.0 * s, soft)
+            if sheath:
+                cv.paint(box, sd - sheath, soft)
             cv.paint(box, sd, value)
             cv.label[box][sd < 0] = 0
 
@@ -513,7 +514,7 @@ def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: i
     if quirk:
         mask[cv.label == 1] = QUIRK_ONE
     flipped = bool(rng.random() < 0.25)  # header-only variety: geometry must be copied, never assumed
-    direction = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0) if flipped else (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+    direction = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0) if flipped else tuple(np.eye(3).ravel().tolist())
     origin = (round(rng.uniform(40, 130), 2) * (1 if flipped else -1),
               round(rng.uniform(120, 230), 2) * (1 if flipped else -1), round(rng.uniform(-650, -250), 2))
     images = []
@@ -521,7 +522,7 @@ def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: i
         img = sitk.GetImageFromArray(array)
         img.SetSpacing(tuple(float(v) for v in reversed(cv.spacing)))
         img.SetOrigin(origin)
-        img.SetDirection(tuple(float(v) for v in direction))
+        img.SetDirection(direction)
         images.append(img)
 
     lesion, pancreas = cv.label == 2, cv.label == 1
@@ -616,7 +617,6 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
     out = Path(out_dir).resolve()
     cases = plan_cases(preset, seed, train_per_subtype, val_per_subtype, n_test)
     _check_target(out, force)
-    started = time.perf_counter()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -629,7 +629,7 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
                 sitk.WriteImage(img, str(tmp / case[key]), useCompression=True)
             case.update(facts)
             k = case["subtype"]
-            if preview and case["split"] == "train" and (k not in shown or _typical(case) > _typical(shown[k][0])):
+            if preview and case["split"] != "test" and (k not in shown or _typical(case) > _typical(shown[k][0])):
                 shown[k] = (case, sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask))
         test = [c for c in cases if c["split"] == "test"]
         if test:
@@ -638,7 +638,7 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
                 writer.writerow(["Names", "Subtype"])
                 writer.writerows([f"{c['name']}.nii.gz", c["subtype"]] for c in sorted(test, key=lambda c: c["name"]))
         previews = [_preview(tmp / "preview", *shown[k]) for k in sorted(shown)]
-        summary = _summary(_preset(preset), seed, cases, previews, time.perf_counter() - started)
+        summary = _summary(_preset(preset), seed, cases, previews)
         (tmp / "phantom.json").write_text(json.dumps(summary, indent=1) + "\n")
         _replace(tmp, out)
     except BaseException:
@@ -647,9 +647,9 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
     return summary
 
 
-def _typical(case: dict[str, Any]) -> bool:
-    """A preview should show what defines the subtype: a typical, medium-sized lesion when there is one."""
-    return not case["atypical"] and case["size_class"] == "medium"
+def _typical(case: dict[str, Any]) -> int:
+    """A preview should show what defines the subtype: best a typical, medium-sized lesion, then any typical one."""
+    return 2 * (not case["atypical"]) + (case["size_class"] == "medium")
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -672,8 +672,8 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: list[str],
-             seconds: float) -> dict[str, Any]:
+def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: list[str]) -> dict[str, Any]:
+    """Everything but timings, so the same seed gives the same phantom.json too."""
     def counts(split: str) -> list[int]:
         return [sum(c["split"] == split and c["subtype"] == k for c in cases) for k in SUBTYPES]
 
@@ -683,7 +683,7 @@ def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: l
                        "test": sum(c["split"] == "test" for c in cases)},
             "n_cases": len(cases), "float_mask_quirk_cases": sum(c["float_mask_quirk"] for c in cases),
             "lesion_volume_ml": {"min": min(volumes), "median": float(np.median(volumes)), "max": max(volumes)},
-            "seconds": round(seconds, 1), "preview": previews, "cases": cases}
+            "preview": previews, "cases": cases}
 
 
 def _preview(folder: Path, case: dict[str, Any], image: np.ndarray, mask: np.ndarray) -> str:

@@ -123,6 +123,10 @@ def load_segmentation_weights(model: MultiTaskUNet, state_dict: dict[str, torch.
     Anything other than missing head weights is an error: a silent partial load would train from a wrong start.
     """
     state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"checkpoint does not fit this network: shapes differ for {mismatched[:5]}")
     result = model.load_state_dict(state_dict, strict=False)
     not_head = [k for k in result.missing_keys if not k.startswith("classifier.")]
     if not_head or result.unexpected_keys:

@@ -1,0 +1,160 @@
+"""The multi-task network: shapes, parameter counts from the modules, weight names, loading nnU-Net weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights, parameter_counts
+from nnunet_mtl.planning.plans import MTL_NETWORK_CLASS, derive_multitask_plans
+
+REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+COMMON = {"conv_op": "torch.nn.modules.conv.Conv3d", "conv_bias": True,
+          "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+          "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+          "nonlin_kwargs": {"inplace": True}}
+
+
+def plain_kwargs(features, kernels=None, strides=None) -> dict:
+    n = len(features)
+    return {"n_stages": n, "features_per_stage": features,
+            "kernel_sizes": kernels or [[3, 3, 3]] * n, "strides": strides or [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), **COMMON}
+
+
+def resenc_kwargs(features) -> dict:
+    n = len(features)
+    return {"n_stages": n, "features_per_stage": features, "kernel_sizes": [[3, 3, 3]] * n,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1), "n_blocks_per_stage": [1, 2, 2, 2][:n],
+            "n_conv_per_stage_decoder": [1] * (n - 1), **COMMON}
+
+
+def build(backbone: str, kwargs: dict, head: str = "bottleneck", deep_supervision: bool = True) -> MultiTaskUNet:
+    arch = {"backbone": backbone, "num_subtypes": 3, "head": head, **kwargs}
+    return get_network_from_plans(MTL_NETWORK_CLASS, arch, REQ_IMPORT, 1, 3, deep_supervision=deep_supervision)
+
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+
+def test_default_3d_network_counts_match_instantiated_modules():
+    """SPEC section 4: 6 stages, 32..320 features, 3 classes: 31,196,399 U-Net parameters + 963 for the head."""
+    net = build(PLAIN, plain_kwargs([32, 64, 128, 256, 320, 320]))
+    counts = parameter_counts(net)
+    assert counts["total"] == sum(p.numel() for p in net.parameters())
+    assert counts["encoder"] + counts["decoder"] + counts["head"] == counts["total"]
+    assert counts["head"] == 320 * 3 + 3 == 963
+    assert counts["encoder"] == sum(p.numel() for p in net.encoder.parameters()) == 14_025_120
+    reference = get_network_from_plans(PLAIN, plain_kwargs([32, 64, 128, 256, 320, 320]), REQ_IMPORT, 1, 3)
+    assert counts["total"] - counts["head"] == sum(p.numel() for p in reference.parameters()) == 31_196_399
+    # The trap: the decoder references the encoder, so the state dict holds the encoder twice.
+    assert sum(v.numel() for v in net.state_dict().values()) > counts["total"]
+
+
+def test_unet_weight_names_are_those_of_a_plain_nnunet_model():
+    net = build(PLAIN, plain_kwargs([8, 16, 32]))
+    reference = PlainConvUNet(1, 3, [8, 16, 32], torch.nn.Conv3d, 3, [1, 2, 2], 2, 3, 2, True,
+                              torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
+                              torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
+    ours = {k for k in net.state_dict() if not k.startswith("classifier.")}
+    assert ours == set(reference.state_dict())
+
+
+@pytest.mark.parametrize("backbone, kwargs", [(PLAIN, plain_kwargs([8, 16, 32, 64])),
+                                              (RESENC, resenc_kwargs([8, 16, 32, 64]))])
+@pytest.mark.parametrize("head", ["bottleneck", "multiscale"])
+def test_forward_shapes_both_backbones(backbone, kwargs, head):
+    net = build(backbone, kwargs, head)
+    x = torch.randn(2, 1, 16, 32, 32)
+    segmentation, logits = net(x)
+    assert isinstance(segmentation, list) and segmentation[0].shape == (2, 3, 16, 32, 32)
+    assert segmentation[1].shape == (2, 3, 8, 16, 16)
+    assert logits.shape == (2, 3)
+    net.decoder.deep_supervision = False
+    segmentation, logits = net(x)
+    assert segmentation.shape == (2, 3, 16, 32, 32) and logits.shape == (2, 3)
+    net.return_classification = False
+    assert net(x).shape == (2, 3, 16, 32, 32)
+    expected_backbone = PlainConvUNet if backbone == PLAIN else ResidualEncoderUNet
+    assert net._backbone_class is expected_backbone
+
+
+def test_gradients_reach_encoder_decoder_and_head():
+    net = build(PLAIN, plain_kwargs([8, 16, 32]), "multiscale")
+    segmentation, logits = net(torch.randn(2, 1, 16, 32, 32))
+    loss = sum(s.mean() for s in segmentation) + torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    loss.backward()
+    encoder_ids = {id(p) for p in net.encoder.parameters()}
+    decoder_only = [p for p in net.decoder.parameters() if id(p) not in encoder_ids]
+    for part, params in [("encoder", list(net.encoder.parameters())), ("decoder", decoder_only),
+                         ("head", list(net.classifier.parameters()))]:
+        assert params and all(p.grad is not None for p in params), part
+        assert any(p.grad.abs().sum() > 0 for p in params), part
+
+
+def test_segmentation_only_nnunet_weights_load_with_only_the_head_fresh():
+    kwargs = plain_kwargs([8, 16, 32])
+    nnunet_model = get_network_from_plans(PLAIN, kwargs, REQ_IMPORT, 1, 3, deep_supervision=True)
+    net = build(PLAIN, kwargs)
+    head_before = {k: v.clone() for k, v in net.classifier.state_dict().items()}
+    fresh = load_segmentation_weights(net, {f"module.{k}": v for k, v in nnunet_model.state_dict().items()})
+    assert fresh and all(k.startswith("classifier.") for k in fresh)
+    for key, value in nnunet_model.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+    for key, value in net.classifier.state_dict().items():
+        assert torch.equal(value, head_before[key])
+
+
+def test_loading_weights_of_another_architecture_is_refused():
+    net = build(PLAIN, plain_kwargs([8, 16, 32]))
+    other = get_network_from_plans(PLAIN, plain_kwargs([8, 16, 32, 64]), REQ_IMPORT, 1, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_segmentation_weights(net, other.state_dict())
+
+
+def test_derived_plans_name_our_network_and_keep_the_preprocessed_data():
+    base = {"plans_name": "nnUNetPlans", "configurations": {
+        "2d": {"architecture": {}},
+        "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 96, 112], "batch_size": 2,
+                       "architecture": {"network_class_name": PLAIN, "_kw_requires_import": REQ_IMPORT,
+                                        "arch_kwargs": plain_kwargs([32, 64, 128, 256, 320],
+                                                                    strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2],
+                                                                             [2, 2, 2], [1, 2, 2]])}}}}
+    plans = derive_multitask_plans(base, ["a", "b", "c"], head="multiscale")
+    config = plans["configurations"]["3d_fullres"]
+    assert plans["plans_name"] == "nnUNetPlans_MTL" and list(plans["configurations"]) == ["3d_fullres"]
+    assert config["data_identifier"] == "nnUNetPlans_3d_fullres"
+    assert config["architecture"]["network_class_name"] == MTL_NETWORK_CLASS
+    assert config["architecture"]["arch_kwargs"]["backbone"] == PLAIN
+    assert config["architecture"]["arch_kwargs"]["num_subtypes"] == 3
+    demo = derive_multitask_plans(base, ["a", "b", "c"], preset="demo")["configurations"]["3d_fullres"]
+    kwargs = demo["architecture"]["arch_kwargs"]
+    assert kwargs["n_stages"] == 4 and kwargs["features_per_stage"] == [16, 32, 64, 128]
+    assert len(kwargs["strides"]) == len(kwargs["kernel_sizes"]) == 4
+    # the patch must stay divisible by the network's total stride per axis (1*1*2*2, 1*2*2*2, ...)
+    assert demo["patch_size"] == [32, 64, 64]
+    assert all(p % s == 0 for p, s in zip(demo["patch_size"], [4, 8, 8]))
+    assert base["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == PLAIN  # not mutated
+
+
+def test_summary_command_prints_true_counts(tmp_path):
+    base = {"plans_name": "P", "dataset_name": "Dataset001_X", "original_median_spacing_after_transp": [1, 1, 1],
+            "original_median_shape_after_transp": [1, 1, 1], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",
+            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
+            "configurations": {"3d_fullres": {
+                "data_identifier": "d", "patch_size": [16, 32, 32], "batch_size": 2,
+                "architecture": {"network_class_name": PLAIN, "_kw_requires_import": REQ_IMPORT,
+                                 "arch_kwargs": plain_kwargs([32, 64, 128, 256, 320, 320])}}}}
+    plans_file = tmp_path / "plans.json"
+    plans_file.write_text(json.dumps(derive_multitask_plans(base, ["a", "b", "c"])))
+    out = subprocess.run([sys.executable, "-m", "nnunet_mtl", "summary", str(plans_file)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "14,025,120" in out and "963" in out and "31,197,362" in out
