@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-# Data augmentation in the main process: no worker pools to spawn on a 2-core CI machine.
-os.environ.setdefault("nnUNet_n_proc_DA", "0")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_compile", "false")
 
@@ -63,8 +61,11 @@ def tiny_env(tiny_dataset):
     """Point nnU-Net's folders at the tiny dataset's work folder for this test."""
     from nnunet_mtl import paths
 
-    saved = {k: os.environ.get(k) for k in paths.NNUNET_FOLDERS}
+    saved = {k: os.environ.get(k) for k in [*paths.NNUNET_FOLDERS, "nnUNet_n_proc_DA"]}
     paths.configure(tiny_dataset["workdir"])
+    # Data augmentation in the main process (no worker pools to spawn on a 2-core machine). Only here: nnU-Net's
+    # planner sizes torch threads from the same variable and rejects 0.
+    os.environ["nnUNet_n_proc_DA"] = "0"
     yield tiny_dataset
     for key, value in saved.items():
         if value is None:
@@ -80,6 +81,7 @@ def tiny_model(tiny_dataset) -> Path:
     from nnunet_mtl.training.run import TrainSettings, train
 
     paths.configure(tiny_dataset["workdir"])
+    os.environ["nnUNet_n_proc_DA"] = "0"
     settings = TrainSettings(epochs=1, iterations=2, val_iterations=1, final_validation_fast=True)
     result = train(TINY_DATASET_ID, TINY_PLANS, 0, "cpu", settings)
     return Path(result["model_folder"])

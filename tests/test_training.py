@@ -1,0 +1,166 @@
+"""The multi-task trainer on the tiny phantom dataset (CPU, a handful of iterations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_DATASET_ID, TINY_PLANS
+
+from nnunet_mtl.training.dataloader import class_balanced_probabilities
+from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
+
+
+def make_trainer(fold=0, **settings):
+    trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, fold, "cpu")
+    apply_settings(trainer, TrainSettings(**settings))
+    trainer.initialize()
+    return trainer
+
+
+def first_batch(trainer):
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    return next(trainer.dataloader_train)
+
+
+def test_batches_carry_the_subtype_of_their_cases(tiny_env):
+    trainer = make_trainer()
+    batch = first_batch(trainer)
+    expected = [trainer.case_subtypes[k] for k in batch["keys"]]
+    assert batch["subtype"].tolist() == expected
+    assert batch["data"].shape[2:] == tuple(trainer.configuration_manager.patch_size)
+
+
+def test_lesion_centred_patches_contain_lesion(tiny_env):
+    trainer = make_trainer(oversample_foreground_percent=1.0, lesion_centred_sampling=True)
+    trainer.dataloader_train, _ = trainer.get_dataloaders()
+    loader = trainer.dataloader_train.data_loader
+    hits = []
+    for _ in range(6):
+        batch = loader.generate_train_batch()
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        hits += [(t == 2).any().item() for t in target]
+    # every forced patch is centred on a lesion voxel; augmentation may move the rim, not the centre away
+    assert all(hits)
+
+
+def test_class_balanced_probabilities_equalise_subtypes():
+    subtypes = {"a": 0, "b": 1, "c": 1, "d": 1, "e": 2, "f": 2}
+    p = class_balanced_probabilities(list(subtypes), subtypes)
+    per_class = {c: p[[i for i, k in enumerate(subtypes) if subtypes[k] == c]].sum() for c in (0, 1, 2)}
+    assert np.allclose(list(per_class.values()), 1 / 3) and np.isclose(p.sum(), 1)
+
+
+def test_inverse_frequency_class_weights_follow_the_training_split(tiny_env):
+    trainer = make_trainer()
+    train_keys, _ = trainer.do_split()
+    counts = np.bincount([trainer.case_subtypes[k] for k in train_keys], minlength=3)
+    expected = counts.sum() / (3 * counts)
+    assert np.allclose(trainer.classification_loss.weight.numpy(), expected)
+
+
+def test_freezing_the_encoder_keeps_its_weights(tiny_env):
+    trainer = make_trainer(frozen_parts=("encoder",))
+    batch = first_batch(trainer)
+    encoder_before = {k: v.clone() for k, v in trainer.model.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in trainer.model.classifier.state_dict().items()}
+    trainer.network.train()
+    for _ in range(2):
+        trainer.train_step(batch)
+    for key, value in trainer.model.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key
+    assert any(not torch.equal(v, head_before[k]) for k, v in trainer.model.classifier.state_dict().items())
+
+
+def test_freezing_the_head_keeps_its_weights(tiny_env):
+    trainer = make_trainer(frozen_parts=("head",))
+    batch = first_batch(trainer)
+    head_before = {k: v.clone() for k, v in trainer.model.classifier.state_dict().items()}
+    trainer.network.train()
+    trainer.train_step(batch)
+    for key, value in trainer.model.classifier.state_dict().items():
+        assert torch.equal(value, head_before[key]), key
+
+
+def test_joint_loss_falls_on_an_easy_batch(tiny_env):
+    """A few dozen steps on one fixed batch: the joint loss (Dice+CE with deep supervision + subtype CE) falls."""
+    trainer = make_trainer(initial_lr=0.01)
+    batch = first_batch(trainer)
+    trainer.network.train()
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(30)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_resume_restores_epoch_optimizer_and_logger(tiny_env, monkeypatch):
+    """Interrupt in the third epoch; resuming continues after the last finished epoch with its state."""
+    from nnunet_mtl.training.trainer import nnUNetTrainerMTL
+
+    settings = TrainSettings(epochs=3, iterations=2, val_iterations=1, case_validation_every=1)
+    calls = {"n": 0}
+    original = nnUNetTrainerMTL.train_step
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first step of the third epoch
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(nnUNetTrainerMTL, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, validate=False)
+    monkeypatch.setattr(nnUNetTrainerMTL, "train_step", original)
+
+    trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", continue_training=True)
+    checkpoint_file = find_resume_checkpoint(trainer.output_folder)
+    assert checkpoint_file is not None and checkpoint_file.name == "checkpoint_latest.pth"
+    saved = torch.load(checkpoint_file, map_location="cpu", weights_only=True)  # loads safely
+    assert saved["current_epoch"] == 2
+    apply_settings(trainer, settings)
+    trainer.initialize()
+    trainer.load_checkpoint(str(checkpoint_file))
+    assert trainer.current_epoch == 2
+    assert len(trainer.logger.get_value("train_losses", step=None)) == 2
+    assert len(trainer.logger.get_value("val_cls_macro_f1", step=None)) == 2
+    state = trainer.optimizer.state_dict()["state"]
+    first = next(iter(saved["optimizer_state"]["state"]))
+    assert torch.equal(state[first]["momentum_buffer"], saved["optimizer_state"]["state"][first]["momentum_buffer"])
+
+    result = train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, resume=True, validate=False)
+    folder = Path(result["output_folder"])
+    final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert final["current_epoch"] == 3
+    curves = json.loads((folder / "training_curves.json").read_text())
+    assert len(curves["train_losses"]) == 3 and len(curves["combined_score"]) == 3
+    assert (folder / "progress.png").is_file() and (folder / "progress_classification.png").is_file()
+
+
+def test_initial_weights_from_a_segmentation_only_nnunet_checkpoint(tiny_env, tmp_path):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    trainer = make_trainer()
+    cm = trainer.configuration_manager
+    kwargs = dict(cm.network_arch_init_kwargs)
+    backbone = kwargs.pop("backbone")
+    for key in ("num_subtypes", "head"):
+        kwargs.pop(key)
+    plain = get_network_from_plans(backbone, kwargs, cm.network_arch_init_kwargs_req_import, 1, 3,
+                                   deep_supervision=True)
+    torch.save({"network_weights": plain.state_dict()}, tmp_path / "nnunet.pth")
+    fresh = trainer.load_initial_weights(tmp_path / "nnunet.pth")
+    assert fresh and all(k.startswith("classifier.") for k in fresh)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value)
+
+
+def test_trained_model_folder_has_validation_outputs(tiny_model):
+    fold = tiny_model / "fold_0"
+    assert (tiny_model / "plans.json").is_file() and (tiny_model / "dataset.json").is_file()
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["trainer_name"] == "nnUNetTrainerMTL"
+    metrics = json.loads((fold / "validation" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 3  # one validation case per subtype
+    header = (fold / "validation" / "subtype_results.csv").read_text().splitlines()[0]
+    assert header == "Names,Subtype"
