@@ -44,7 +44,7 @@ venv: $(STAMP)
 	@grep -qx "$(VENV)" $(STAMP) || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 	@ln -sfn "$(VENV)" .venv
 
-test: venv
+test: venv lint
 	"$(BIN)/python" -m pytest -q tests
 
 lint: venv

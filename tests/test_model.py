@@ -69,7 +69,7 @@ def test_unet_weight_names_are_those_of_a_plain_nnunet_model():
 
 @pytest.mark.parametrize("backbone, kwargs", [(PLAIN, plain_kwargs([8, 16, 32, 64])),
                                               (RESENC, resenc_kwargs([8, 16, 32, 64]))])
-@pytest.mark.parametrize("head", ["bottleneck", "multiscale"])
+@pytest.mark.parametrize("head", ["bottleneck", "multiscale", "lesion_attention"])
 def test_forward_shapes_both_backbones(backbone, kwargs, head):
     net = build(backbone, kwargs, head)
     x = torch.randn(2, 1, 16, 32, 32)
@@ -86,8 +86,9 @@ def test_forward_shapes_both_backbones(backbone, kwargs, head):
     assert net._backbone_class is expected_backbone
 
 
-def test_gradients_reach_encoder_decoder_and_head():
-    net = build(PLAIN, plain_kwargs([8, 16, 32]), "multiscale")
+@pytest.mark.parametrize("head", ["multiscale", "lesion_attention"])
+def test_gradients_reach_encoder_decoder_and_head(head):
+    net = build(PLAIN, plain_kwargs([8, 16, 32]), head)
     segmentation, logits = net(torch.randn(2, 1, 16, 32, 32))
     loss = sum(s.mean() for s in segmentation) + torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
     loss.backward()
@@ -97,6 +98,25 @@ def test_gradients_reach_encoder_decoder_and_head():
                          ("head", list(net.classifier.parameters()))]:
         assert params and all(p.grad is not None for p in params), part
         assert any(p.grad.abs().sum() > 0 for p in params), part
+
+
+def test_lesion_attention_pools_where_the_lesion_is():
+    from nnunet_mtl.model.network import LesionAttentionHead
+
+    head = LesionAttentionHead([2, 3], num_subtypes=3, n_stages=2)
+    fine = torch.zeros(1, 2, 4, 8, 8)
+    fine[:, :, 2:4, 4:8, 4:8] = 5.0  # the lesion's features
+    coarse = torch.ones(1, 3, 2, 4, 4)
+    lesion = torch.zeros(1, 1, 4, 8, 8)
+    lesion[:, :, 2:4, 4:8, 4:8] = 1.0
+    captured = {}
+    head.mlp.register_forward_hook(lambda m, inputs, out: captured.update(x=inputs[0]))
+    head(([fine, coarse]), lesion)
+    attended_fine, global_fine = captured["x"][0, :2], captured["x"][0, 2:4]
+    assert torch.allclose(attended_fine, torch.full((2,), 5.0), atol=1e-3)  # pooled inside the lesion only
+    assert torch.allclose(global_fine, torch.full((2,), 5.0 * 32 / 256))  # the global average dilutes it
+    head(([fine, coarse]), torch.zeros_like(lesion))  # no lesion predicted: uniform weights, the global average
+    assert torch.allclose(captured["x"][0, :2], captured["x"][0, 2:4], atol=1e-4)
 
 
 def test_segmentation_only_nnunet_weights_load_with_only_the_head_fresh():
@@ -128,6 +148,7 @@ def test_derived_plans_name_our_network_and_keep_the_preprocessed_data():
                                                                     strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2],
                                                                              [2, 2, 2], [1, 2, 2]])}}}}
     plans = derive_multitask_plans(base, ["a", "b", "c"], head="multiscale")
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["head"] == "multiscale"
     config = plans["configurations"]["3d_fullres"]
     assert plans["plans_name"] == "nnUNetPlans_MTL" and list(plans["configurations"]) == ["3d_fullres"]
     assert config["data_identifier"] == "nnUNetPlans_3d_fullres"
@@ -139,7 +160,7 @@ def test_derived_plans_name_our_network_and_keep_the_preprocessed_data():
     assert kwargs["n_stages"] == 4 and kwargs["features_per_stage"] == [16, 32, 64, 128]
     assert len(kwargs["strides"]) == len(kwargs["kernel_sizes"]) == 4
     # the patch must stay divisible by the network's total stride per axis (1*1*2*2, 1*2*2*2, ...)
-    assert demo["patch_size"] == [32, 64, 64]
+    assert demo["patch_size"] == [24, 48, 48]
     assert all(p % s == 0 for p, s in zip(demo["patch_size"], [4, 8, 8]))
     assert base["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == PLAIN  # not mutated
 
@@ -154,7 +175,7 @@ def test_summary_command_prints_true_counts(tmp_path):
                 "architecture": {"network_class_name": PLAIN, "_kw_requires_import": REQ_IMPORT,
                                  "arch_kwargs": plain_kwargs([32, 64, 128, 256, 320, 320])}}}}
     plans_file = tmp_path / "plans.json"
-    plans_file.write_text(json.dumps(derive_multitask_plans(base, ["a", "b", "c"])))
+    plans_file.write_text(json.dumps(derive_multitask_plans(base, ["a", "b", "c"], head="bottleneck")))
     out = subprocess.run([sys.executable, "-m", "nnunet_mtl", "summary", str(plans_file)], capture_output=True,
                          text=True, check=True).stdout
     assert "14,025,120" in out and "963" in out and "31,197,362" in out

@@ -87,9 +87,11 @@ def test_geometry_labels_and_hu(dataset: tuple[Path, dict]) -> None:
         assert image.GetOrigin() == mask.GetOrigin()
         assert image.GetDirection() == mask.GetDirection()
         sx, sy, sz = image.GetSpacing()
-        assert sx == sy and 1.25 <= sx <= 1.55 and 1.8 <= sz <= 2.2 and sz / sx > 1.15
+        small = phantom.PRESETS["small"]
+        assert sx == sy and small.spacing_xy[0] <= sx <= small.spacing_xy[1] and sz / sx > 1.15
+        assert 1.8 <= sz <= 2.2  # near the real 2.0 mm slices
         nx, ny, nz = image.GetSize()
-        assert 20 <= nz <= 32 and 56 <= ny <= 80 and 56 <= nx <= 88
+        assert all(lo <= n <= hi for lo, n, hi in zip(small.shape_lo, (nz, ny, nx), small.shape_hi))
         assert set(np.unique(np.rint(lab))) == {0, 1, 2}
         assert (np.rint(lab) == 2).sum() == case["lesion_voxels"] > 0
         assert img.min() >= -1024 and img.max() <= 3071

@@ -62,6 +62,18 @@ def test_inverse_frequency_class_weights_follow_the_training_split(tiny_env):
     assert np.allclose(trainer.classification_loss.weight.numpy(), expected)
 
 
+def test_head_learns_at_a_scaled_rate_through_the_poly_schedule(tiny_env):
+    trainer = make_trainer(initial_lr=0.01)
+    trainer.head_lr_scale = 0.1
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.lr_scheduler.step(5)
+    body, head = trainer.optimizer.param_groups
+    expected = 0.01 * (1 - 5 / trainer.num_epochs) ** 0.9
+    assert np.isclose(body["lr"], expected) and np.isclose(head["lr"], 0.1 * expected)
+    assert {id(p) for p in head["params"]} == {id(p) for p in trainer.model.classifier.parameters()}
+    assert len(body["params"]) + len(head["params"]) == len(list(trainer.network.parameters()))
+
+
 def test_freezing_the_encoder_keeps_its_weights(tiny_env):
     trainer = make_trainer(frozen_parts=("encoder",))
     batch = first_batch(trainer)

@@ -31,9 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(nnUNetPlannerResEncM, ResidualEncoderUNet)")
     parser.add_argument("--preset", choices=["demo"], default=None,
                         help="also write a small CPU-friendly configuration (plans only, same preprocessing)")
-    parser.add_argument("--head", choices=["bottleneck", "multiscale"], default="bottleneck",
-                        help="classification head: bottleneck (report's GAP + linear) or multiscale (pooled "
-                             "features of the last 3 encoder stages + MLP)")
+    parser.add_argument("--head", choices=["lesion_attention", "bottleneck", "multiscale"],
+                        default="lesion_attention",
+                        help="classification head: lesion_attention (features of the last 3 encoder stages "
+                             "pooled where the decoder predicts lesion, + MLP; default), bottleneck (the report's "
+                             "global average pool + linear) or multiscale (global avg+max pool of the last 3 "
+                             "stages + MLP)")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
     parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
     add_workdir_argument(parser)

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fast", action="store_true", help="fast mode (see below)")
     parser.add_argument("--aggregation", choices=["lesion_weighted", "mean"], default="lesion_weighted",
                         help="how tile subtype logits become one per case (default lesion_weighted)")
+    parser.add_argument("--largest-component", choices=["auto", "yes", "no"], default="auto",
+                        help="keep only the largest connected pancreas component; auto = as the model's "
+                             "validation decided (postprocessing.json in the model folder)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
     parser.set_defaults(func=run_predict)
@@ -64,7 +67,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from nnunet_mtl.inference.predict import InputError, PredictionMode, predict_folder
     from nnunet_mtl.training.run import resolve_device
 
-    mode = PredictionMode.fast(args.aggregation) if args.fast else PredictionMode(aggregation=args.aggregation)
+    largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
+    mode = PredictionMode.fast(args.aggregation, largest_component=largest) if args.fast \
+        else PredictionMode(aggregation=args.aggregation, largest_component=largest)
     try:
         report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
                                 resolve_device(args.device), mode, overwrite=args.overwrite)

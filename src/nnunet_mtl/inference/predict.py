@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from nnunet_mtl.inference.outputs import MASK_ENDING, read_probability_table, write_subtype_tables
+from nnunet_mtl.inference.postprocessing import keep_largest_component, read_decision
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
 
 IMAGE_SUFFIX = "_0000.nii.gz"
@@ -35,13 +35,17 @@ class PredictionMode:
 
     use_mirroring: bool = True
     tile_step_size: float = 0.5
-    single_pass_small_crops: bool = False
+    single_pass_max_patches: float = 0.0  # crops up to this many patch volumes: one forward pass, no tiles
     channels_last: bool = False
     aggregation: str = "lesion_weighted"
+    classify: bool = True  # False: segmentation only (the head is not run; no subtype tables)
+    largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
 
     @classmethod
-    def fast(cls, aggregation: str = "lesion_weighted") -> PredictionMode:
-        return cls(use_mirroring=False, tile_step_size=1.0, single_pass_small_crops=True, aggregation=aggregation)
+    def fast(cls, aggregation: str = "lesion_weighted", classify: bool = True,
+             largest_component: bool | None = None) -> PredictionMode:
+        return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
+                   classify=classify, largest_component=largest_component)
 
 
 @dataclass
@@ -70,16 +74,14 @@ def check_folders(input_dir: Path, output_dir: Path) -> dict[str, Path]:
 
 
 def check_image(path: Path) -> None:
-    """The errors nnU-Net would report cryptically (or not at all), named with the file."""
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise InputError(f"{path.name}: cannot be read as an image ({str(e).strip().splitlines()[-1]})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path.name}: expected a 3D single-channel image, got {image.GetDimension()}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-        raise InputError(f"{path.name}: contains NaN or infinite values")
+    """The errors nnU-Net would report cryptically, or not at all (ITK reads NaN as 0), named with the file."""
+    from nnunet_mtl.data.checks import check_finite, check_shape, read_nifti
+
+    image, problems = read_nifti(path)
+    if image is not None:
+        problems = check_shape(image, "image") or check_finite(image, path, "image")
+    if problems:
+        raise InputError(f"{path.name}: {'; '.join(problems)}")
 
 
 def find_checkpoints(model_dir: Path, folds: list[str] | None, checkpoint: str | None) -> list[Path]:
@@ -123,20 +125,23 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, allow_init=False,
         deep_supervision=False)
     network.load_state_dict(parameters[0])
+    network.return_classification = mode.classify
     if mode.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
     predictor = MultiTaskPredictor(tile_step_size=mode.tile_step_size, use_gaussian=True,
                                    use_mirroring=mode.use_mirroring, perform_everything_on_device=True,
                                    device=device, verbose=verbose, allow_tqdm=False,
-                                   aggregation=mode.aggregation, single_pass_small_crops=mode.single_pass_small_crops,
+                                   aggregation=mode.aggregation, single_pass_max_patches=mode.single_pass_max_patches,
                                    channels_last=mode.channels_last)
     predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     "nnUNetTrainerMTL", tuple(mirror_axes) if mirror_axes is not None else None)
     return predictor
 
 
-def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str) -> np.ndarray:
-    """Preprocess, predict, write ``<case>.nii.gz`` atomically; return the subtype probabilities."""
+def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str,
+                 keep_largest: bool = False) -> np.ndarray | None:
+    """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype probabilities (None
+    when the predictor runs segmentation only)."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
@@ -145,6 +150,8 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
     segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, predictor.label_manager, properties, return_probabilities=False)
+    if keep_largest:
+        segmentation = keep_largest_component(segmentation)
     tmp = output_dir / f".{case}.tmp{MASK_ENDING}"
     pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
     os.replace(tmp, output_dir / f"{case}{MASK_ENDING}")
@@ -164,6 +171,7 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
     cases = check_folders(input_dir, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
+    keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
     probabilities = {} if overwrite else read_probability_table(output_dir)
     report = PredictionReport()
     bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
@@ -175,14 +183,14 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
         start = time.perf_counter()
         try:
             check_image(image_file)
-            probabilities[case] = predict_case(predictor, image_file, output_dir, case)
+            case_probabilities = predict_case(predictor, image_file, output_dir, case, keep_largest)
         except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
             report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
             probabilities.pop(case, None)
             continue
         report.seconds_per_case[case] = time.perf_counter() - start
         report.predicted.append(case)
-        write_subtype_tables(output_dir, probabilities)
-    if probabilities:
-        write_subtype_tables(output_dir, probabilities)
+        if case_probabilities is not None:
+            probabilities[case] = case_probabilities
+            write_subtype_tables(output_dir, probabilities)
     return report

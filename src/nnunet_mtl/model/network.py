@@ -16,9 +16,10 @@ import pydoc
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS = ("bottleneck", "multiscale")
+HEAD_KINDS = ("bottleneck", "multiscale", "lesion_attention")
 
 
 class BottleneckHead(nn.Module):
@@ -46,6 +47,7 @@ class MultiScaleHead(nn.Module):
         self.n_stages = min(n_stages, len(channels))
         in_features = 2 * sum(channels[-self.n_stages:])
         self.mlp = nn.Sequential(
+            nn.LayerNorm(in_features),  # pooled features of different stages come at different scales
             nn.Linear(in_features, hidden),
             nn.LeakyReLU(inplace=True),
             nn.Dropout(dropout),
@@ -57,6 +59,42 @@ class MultiScaleHead(nn.Module):
         for feature in skips[-self.n_stages:]:
             flat = feature.flatten(2)
             pooled += [flat.mean(dim=2), flat.amax(dim=2)]
+        return self.mlp(torch.cat(pooled, dim=1))
+
+
+def _pool_to(weights: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    pool = F.adaptive_avg_pool3d if weights.ndim == 5 else F.adaptive_avg_pool2d
+    return pool(weights, size)
+
+
+class LesionAttentionHead(nn.Module):
+    """Encoder features pooled where the decoder sees the lesion, next to their global average, then an MLP.
+
+    The subtype is a property of the lesion, which may fill a few hundred of a patch's hundred thousand voxels;
+    global pooling drowns it. The decoder's lesion probability (detached: classification must not bend the
+    segmentation) weights each of the last ``n_stages`` encoder stages. Where no lesion is predicted the weights
+    are uniform and the head falls back to global pooling. Still one encoder pass.
+    """
+
+    def __init__(self, channels: list[int], num_subtypes: int, n_stages: int = 3, hidden: int = 128,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.n_stages = min(n_stages, len(channels))
+        in_features = 2 * sum(channels[-self.n_stages:])
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_features),  # pooled features of different stages come at different scales
+            nn.Linear(in_features, hidden),
+            nn.LeakyReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_subtypes),
+        )
+
+    def forward(self, skips: list[torch.Tensor], lesion_probability: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        for feature in skips[-self.n_stages:]:
+            weights = _pool_to(lesion_probability, feature.shape[2:]).flatten(2) + 1e-6
+            flat = feature.flatten(2)
+            pooled += [(flat * weights).sum(dim=2) / weights.sum(dim=2), flat.mean(dim=2)]
         return self.mlp(torch.cat(pooled, dim=1))
 
 
@@ -85,8 +123,10 @@ class MultiTaskUNet(nn.Module):
         channels = list(self.encoder.output_channels)
         if head == "bottleneck":
             self.classifier: nn.Module = BottleneckHead(channels, num_subtypes)
-        else:
+        elif head == "multiscale":
             self.classifier = MultiScaleHead(channels, num_subtypes, head_stages, head_hidden, head_dropout)
+        else:
+            self.classifier = LesionAttentionHead(channels, num_subtypes, head_stages, head_hidden, head_dropout)
         self.num_subtypes = num_subtypes
         self.head_kind = head
         self.return_classification = return_classification
@@ -96,7 +136,12 @@ class MultiTaskUNet(nn.Module):
         segmentation = self.decoder(skips)
         if not self.return_classification:
             return segmentation
-        return segmentation, self.classifier(skips)
+        if self.head_kind != "lesion_attention":
+            return segmentation, self.classifier(skips)
+        full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+        # the last label is the lesion (the class whose kind the head names)
+        lesion = torch.softmax(full.detach().float(), dim=1)[:, -1:].to(skips[-1].dtype)
+        return segmentation, self.classifier(skips, lesion)
 
     def initialize(self, module: nn.Module) -> None:
         """Called by nnU-Net's builder through ``network.apply(network.initialize)``: the backbone's own init."""

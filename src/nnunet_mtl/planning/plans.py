@@ -20,6 +20,7 @@ from nnunet_mtl import paths
 
 MTL_NETWORK_CLASS = "nnunet_mtl.model.network.MultiTaskUNet"
 CONFIGURATION = "3d_fullres"
+DEFAULT_HEAD = "lesion_attention"
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ PLANS_CHOICES = {
     "demo": "nnUNetPlans_MTLdemo",
 }
 
-# Demo preset: a 4-stage network with 16 base features and a patch of at most 32 x 64 x 64 (z, y, x).
+# Demo preset: a 4-stage network with 16 base features and a patch of at most 24 x 48 x 48 (z, y, x).
 DEMO_STAGES = 4
 DEMO_BASE_FEATURES = 16
 DEMO_MAX_FEATURES = 128
-DEMO_MAX_PATCH = (32, 64, 64)
+DEMO_MAX_PATCH = (24, 48, 48)
 DEMO_BATCH_SIZE = 2
 
 
@@ -58,7 +59,7 @@ def dataset_name(dataset: str | int) -> str:
     return maybe_convert_to_dataset_name(str(dataset) if not isinstance(dataset, int) else dataset)
 
 
-def derive_multitask_plans(base_plans: dict, subtype_names: list[str], head: str = "bottleneck",
+def derive_multitask_plans(base_plans: dict, subtype_names: list[str], head: str = DEFAULT_HEAD,
                            preset: str | None = None) -> dict:
     """Return a copy of nnU-Net's plans whose 3d_fullres network is our MultiTaskUNet around the planned U-Net."""
     if CONFIGURATION not in base_plans["configurations"]:
@@ -117,7 +118,7 @@ def _write_json_atomic(path: Path, content: dict) -> None:
 
 
 def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: str | None = None,
-                        head: str = "bottleneck", num_processes: int | None = None,
+                        head: str = DEFAULT_HEAD, num_processes: int | None = None,
                         force: bool = False) -> dict[str, Path]:
     """Fingerprint, plan and preprocess with nnU-Net, copy our splits, write the derived multi-task plans.
 

@@ -6,6 +6,9 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   the extra metric keys are registered with nnU-Net's local logger, which accepts only known keys.
 - ``build_network_architecture``: nnU-Net builds our network from the plans; its own inference code builds it
   without deep supervision and expects one tensor, so such a network answers segmentation only.
+- ``configure_optimizers``: nnU-Net's SGD and poly schedule, with the head in its own parameter group at
+  ``head_lr_scale`` x the learning rate: with momentum 0.99 nnU-Net's rate suits normalised convolutions, and
+  makes a small MLP head oscillate around chance (measured: the head's loss stayed at ln 3 for 500 iterations).
 - ``initialize``: adds the subtype loss (class weights, label smoothing) and freezing of parts.
 - ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches.
 - ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype).
@@ -16,7 +19,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``save_checkpoint`` / ``load_checkpoint``: atomic writes, plain-Python contents so that
   ``torch.load(weights_only=True)`` reads them; 2.8.1's ``load_checkpoint`` cannot take a dict.
 - ``perform_actual_validation``: nnU-Net's hard-codes the stock predictor (one output); ours predicts masks and
-  subtypes of the validation fold, exports them in the original geometry and scores them as the task defines.
+  subtypes of the validation fold, exports them in the original geometry, decides the largest-component
+  postprocessing on them (as nnU-Net does after validation) and scores them as the task defines.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -43,7 +48,9 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_mtl.evaluation.metrics import dice
+from nnunet_mtl.inference import postprocessing
 from nnunet_mtl.inference.outputs import write_subtype_tables
+from nnunet_mtl.inference.predict import PredictionMode
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
@@ -74,6 +81,16 @@ def _plain(value):
     return value
 
 
+class ScaledPolyLRScheduler(PolyLRScheduler):
+    """nnU-Net's poly schedule; replaces its step, which sets one rate for all groups, to honour ``lr_scale``."""
+
+    def step(self, current_step=None):
+        super().step(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 class nnUNetTrainerMTL(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature, kept exactly)
@@ -90,6 +107,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.lesion_centred_sampling = True
         self.class_balanced_sampling = False
         self.frozen_parts: tuple[str, ...] = ()
+        self.head_lr_scale = 0.1
         self.case_validation_every = 1
         self.final_validation_fast = False
         self.save_every = 1
@@ -134,6 +152,15 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.freeze(self.frozen_parts)
         self.print_to_log_file(f"multi-task: subtypes {self.subtype_names}, class weights {weights}, "
                                f"cls weight {self.classification_loss_weight}, frozen {self.frozen_parts}")
+
+    def configure_optimizers(self):
+        head_ids = {id(p) for p in self.model.classifier.parameters()}
+        body = [p for p in self.network.parameters() if id(p) not in head_ids]
+        groups = [{"params": body, "lr_scale": 1.0},
+                  {"params": list(self.model.classifier.parameters()), "lr_scale": self.head_lr_scale}]
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, ScaledPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def freeze(self, parts: tuple[str, ...]) -> None:
         """Stop gradients to whole parts (fine-tuning one task); frozen weights then never change."""
@@ -275,9 +302,11 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.logger.log("ema_combined_score", ema, self.current_epoch)
 
     def _predictor(self, fast: bool) -> MultiTaskPredictor:
-        """Default: nnU-Net's settings (step 0.5, mirroring); fast: no mirroring, step 1.0, single pass."""
-        predictor = MultiTaskPredictor(tile_step_size=1.0 if fast else 0.5, use_gaussian=True,
-                                       use_mirroring=not fast, single_pass_small_crops=fast,
+        """Default: nnU-Net's settings (step 0.5, mirroring); fast: the predictor's fast mode."""
+        mode = PredictionMode.fast() if fast else PredictionMode()
+        predictor = MultiTaskPredictor(tile_step_size=mode.tile_step_size, use_gaussian=True,
+                                       use_mirroring=mode.use_mirroring,
+                                       single_pass_max_patches=mode.single_pass_max_patches,
                                        perform_everything_on_device=self.device.type == "cuda",
                                        device=self.device, verbose=False, allow_tqdm=False)
         predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
@@ -287,7 +316,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
 
     @torch.no_grad()
     def case_level_validation(self) -> dict[str, float]:
-        """Whole validation cases in fast mode (no mirroring, step 1.0): subtype and Dice per case.
+        """Whole validation cases in fast mode: subtype and Dice per case.
 
         Patch-level numbers flatter the classifier (a random patch may show no lesion); these are what the task
         measures. Dice is computed on the preprocessed grid, which is enough to rank epochs.
@@ -454,6 +483,12 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         empty_cache(self.device)
         if self.local_rank != 0:
             return None
+        truth = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
+        decision = postprocessing.determine(out, truth, list(dataset.identifiers))
+        postprocessing.write_decision(Path(self.output_folder_base), decision)
+        self.print_to_log_file(f"largest-component postprocessing: {decision}")
+        if decision["keep_largest_component"]:
+            postprocessing.apply_to_folder(out, list(dataset.identifiers))
         raw_dataset = Path(str(nnUNet_raw)) / self.plans_manager.dataset_name if nnUNet_raw.is_set() else None
         if raw_dataset is None or not raw_dataset.is_dir():
             self.print_to_log_file("raw dataset not found: validation predictions written, not scored")

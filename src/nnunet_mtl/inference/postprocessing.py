@@ -1,0 +1,71 @@
+"""Keep the largest connected pancreas component, when the validation fold says it helps.
+
+nnU-Net decides its connected-component postprocessing on the validation predictions; we do the same with the
+task's own numbers (whole-pancreas Dice and lesion Dice) and store the decision as JSON in the model folder, where
+the predictor finds it. The pancreas is one organ and the lesion lies in it, so a foreground blob away from the
+largest one is a false positive (a vessel or bowel loop): removing it also keeps false lesion tiles from voting on
+the subtype. The connected-component work itself is nnU-Net's function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+from nnunet_mtl.evaluation.metrics import dice
+
+POSTPROCESSING_FILE = "postprocessing.json"
+LESION_LABEL = 2
+
+
+def keep_largest_component(segmentation: np.ndarray) -> np.ndarray:
+    """All foreground labels outside the largest foreground component become background."""
+    labels = tuple(int(v) for v in np.unique(segmentation) if v != 0)
+    if not labels:
+        return segmentation
+    return remove_all_but_largest_component_from_segmentation(segmentation, [labels])
+
+
+def _task_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    return (dice(prediction > 0, truth > 0) + dice(prediction == LESION_LABEL, truth == LESION_LABEL)) / 2
+
+
+def determine(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict:
+    """Mean task score (mean of whole-pancreas and lesion Dice) per case with and without the largest component."""
+    without, with_lcc = [], []
+    for case in cases:
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_dir / f"{case}.nii.gz")))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / f"{case}.nii.gz")))
+        without.append(_task_score(prediction, truth))
+        with_lcc.append(_task_score(keep_largest_component(prediction), truth))
+    score_without, score_with = float(np.mean(without)), float(np.mean(with_lcc))
+    return {"keep_largest_component": score_with > score_without, "criterion": "mean of whole-pancreas and lesion "
+            "Dice over the validation cases", "score_without": score_without, "score_with": score_with,
+            "cases": len(cases)}
+
+
+def apply_to_folder(prediction_dir: Path, cases: list[str]) -> None:
+    for case in cases:
+        path = prediction_dir / f"{case}.nii.gz"
+        image = sitk.ReadImage(str(path))
+        kept = sitk.GetImageFromArray(keep_largest_component(sitk.GetArrayFromImage(image)).astype(np.uint8))
+        kept.CopyInformation(image)
+        tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+        sitk.WriteImage(kept, str(tmp), True)
+        tmp.replace(path)
+
+
+def write_decision(model_dir: Path, decision: dict) -> None:
+    tmp = model_dir / f".{POSTPROCESSING_FILE}.tmp"
+    tmp.write_text(json.dumps(decision, indent=2))
+    tmp.replace(model_dir / POSTPROCESSING_FILE)
+
+
+def read_decision(model_dir: Path) -> bool:
+    """Whether the model folder's validation chose the largest-component step (False when never decided)."""
+    path = model_dir / POSTPROCESSING_FILE
+    return bool(json.loads(path.read_text())["keep_largest_component"]) if path.is_file() else False
