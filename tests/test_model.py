@@ -119,6 +119,20 @@ def test_lesion_attention_pools_where_the_lesion_is():
     assert torch.allclose(captured["x"][0, :2], captured["x"][0, 2:4], atol=1e-4)
 
 
+def test_training_attention_can_follow_the_true_lesion():
+    net = build(PLAIN, plain_kwargs([8, 16, 32]), "lesion_attention").eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    here, there = torch.zeros(1, 1, 16, 32, 32), torch.zeros(1, 1, 16, 32, 32)
+    here[..., :8, :16, :16] = 1
+    there[..., 8:, 16:, 16:] = 1
+    with torch.no_grad():
+        _, logits_here = net(x, lesion_mask=here)
+        _, logits_there = net(x, lesion_mask=there)
+        _, logits_predicted = net(x)
+    assert not torch.allclose(logits_here, logits_there)  # the mask, not the prediction, decides the pooling
+    assert not torch.allclose(logits_here, logits_predicted)
+
+
 def test_segmentation_only_nnunet_weights_load_with_only_the_head_fresh():
     kwargs = plain_kwargs([8, 16, 32])
     nnunet_model = get_network_from_plans(PLAIN, kwargs, REQ_IMPORT, 1, 3, deep_supervision=True)

@@ -62,6 +62,20 @@ def test_inverse_frequency_class_weights_follow_the_training_split(tiny_env):
     assert np.allclose(trainer.classification_loss.weight.numpy(), expected)
 
 
+def test_subtype_loss_ignores_patches_that_do_not_show_the_lesion(tiny_env):
+    trainer = make_trainer(class_weighting="none", subtype_loss_on_lesion_patches_only=True)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    subtype = torch.tensor([2, 1])
+    target = torch.zeros(2, 1, 4, 8, 8)
+    target[1, 0, 1, 2, 2] = 2  # only the second patch shows lesion
+    loss = trainer._subtype_loss(logits, subtype, target)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits[1:], subtype[1:]))
+    target[0, 0, 0, 0, 0] = 2
+    both = trainer._subtype_loss(logits, subtype, target)
+    assert torch.isclose(both, torch.nn.functional.cross_entropy(logits, subtype))
+    assert trainer._subtype_loss(logits, subtype, torch.zeros_like(target)) == 0
+
+
 def test_head_learns_at_a_scaled_rate_through_the_poly_schedule(tiny_env):
     trainer = make_trainer(initial_lr=0.01)
     trainer.head_lr_scale = 0.1

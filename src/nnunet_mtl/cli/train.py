@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="sample cases so every subtype is seen equally often (default no)")
     group.add_argument("--oversample-foreground", type=float, dest="oversample_foreground_percent",
                        help="share of patches forced to contain foreground (nnU-Net: 0.33)")
+    group.add_argument("--lesion-patches-only", type=_bool, dest="subtype_loss_on_lesion_patches_only",
+                       metavar="yes|no", help="subtype loss only on patches that show lesion (default no)")
+    group.add_argument("--attend-true-lesion", type=_bool, dest="attend_to_true_lesion", metavar="yes|no",
+                       help="lesion_attention head: pool over the true lesion while training (default no)")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations (default 1)")
     group.add_argument("--final-validation-fast", type=_bool, metavar="yes|no",
@@ -91,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         lesion_centred_sampling=args.lesion_centred_sampling, class_balanced_sampling=args.class_balanced_sampling,
         oversample_foreground_percent=args.oversample_foreground_percent,
         case_validation_every=args.case_validation_every,
-        final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze))
+        final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),
+        subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
+        attend_to_true_lesion=args.attend_to_true_lesion)
     try:
         result = train(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
                        initial_weights=args.initial_weights, validate=not args.no_validation)

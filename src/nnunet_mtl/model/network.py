@@ -131,17 +131,23 @@ class MultiTaskUNet(nn.Module):
         self.head_kind = head
         self.return_classification = return_classification
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, lesion_mask: torch.Tensor | None = None):
+        """``lesion_mask`` (training only, optional): the true lesion, (B, 1, *spatial), for the attention head.
+
+        Attending to the true lesion while training lets the head learn the subtype from the first iteration,
+        instead of waiting for the decoder to find lesions; at prediction it attends to the decoder's lesion.
+        """
         skips = self.encoder(x)
         segmentation = self.decoder(skips)
         if not self.return_classification:
             return segmentation
         if self.head_kind != "lesion_attention":
             return segmentation, self.classifier(skips)
-        full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-        # the last label is the lesion (the class whose kind the head names)
-        lesion = torch.softmax(full.detach().float(), dim=1)[:, -1:].to(skips[-1].dtype)
-        return segmentation, self.classifier(skips, lesion)
+        if lesion_mask is None:
+            full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+            # the last label is the lesion (the class whose kind the head names)
+            lesion_mask = torch.softmax(full.detach().float(), dim=1)[:, -1:]
+        return segmentation, self.classifier(skips, lesion_mask.to(skips[-1].dtype))
 
     def initialize(self, module: nn.Module) -> None:
         """Called by nnU-Net's builder through ``network.apply(network.initialize)``: the backbone's own init."""

@@ -32,6 +32,8 @@ class TrainSettings:
     case_validation_every: int | None = None
     final_validation_fast: bool | None = None
     save_every: int | None = None
+    subtype_loss_on_lesion_patches_only: bool | None = None
+    attend_to_true_lesion: bool | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 

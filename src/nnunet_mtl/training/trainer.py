@@ -7,11 +7,13 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``build_network_architecture``: nnU-Net builds our network from the plans; its own inference code builds it
   without deep supervision and expects one tensor, so such a network answers segmentation only.
 - ``configure_optimizers``: nnU-Net's SGD and poly schedule, with the head in its own parameter group at
-  ``head_lr_scale`` x the learning rate: with momentum 0.99 nnU-Net's rate suits normalised convolutions, and
-  makes a small MLP head oscillate around chance (measured: the head's loss stayed at ln 3 for 500 iterations).
+  ``head_lr_scale`` (0.1) x the learning rate: with momentum 0.99 nnU-Net's rate suits normalised convolutions
+  and makes a small MLP head oscillate around chance (measured: the head's loss stayed at ln 3 for 500 iterations).
 - ``initialize``: adds the subtype loss (class weights, label smoothing) and freezing of parts.
 - ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches.
-- ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype).
+- ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype);
+  options: the subtype loss over patches that show lesion only, and the attention head attending to the true
+  lesion while training.
 - ``on_train_epoch_end`` / ``on_validation_epoch_end``: log the loss parts and case-level validation numbers.
 - ``run_training``: the same loop with a progress bar.
 - ``on_epoch_end``: best checkpoint by a combined score instead of segmentation pseudo-Dice alone; a checkpoint
@@ -108,6 +110,8 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.class_balanced_sampling = False
         self.frozen_parts: tuple[str, ...] = ()
         self.head_lr_scale = 0.1
+        self.subtype_loss_on_lesion_patches_only = False
+        self.attend_to_true_lesion = False
         self.case_validation_every = 1
         self.final_validation_fast = False
         self.save_every = 1
@@ -148,7 +152,9 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         elif self.class_weighting != "none":
             raise ValueError(f"unknown class weighting {self.class_weighting!r}")
         self.classification_loss = nn.CrossEntropyLoss(
-            weight=weights.to(self.device) if weights is not None else None, label_smoothing=self.label_smoothing)
+            weight=weights.to(self.device) if weights is not None else None, label_smoothing=self.label_smoothing,
+            reduction="none")
+        self.lesion_label_present = LESION_LABEL in self.label_manager.foreground_labels
         self.freeze(self.frozen_parts)
         self.print_to_log_file(f"multi-task: subtypes {self.subtype_names}, class weights {weights}, "
                                f"cls weight {self.classification_loss_weight}, frozen {self.frozen_parts}")
@@ -229,17 +235,33 @@ class nnUNetTrainerMTL(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         return data, target, batch["subtype"].to(self.device, non_blocking=True)
 
-    def _joint_loss(self, data, target, subtype):
-        segmentation, logits = self.network(data)
+    def _joint_loss(self, data, target, subtype, attend_to_true_lesion: bool = False):
+        full_target = target[0] if isinstance(target, list) else target
+        lesion_mask = (full_target == LESION_LABEL).float() \
+            if attend_to_true_lesion and self.lesion_label_present and self.model.head_kind == "lesion_attention" \
+            else None
+        segmentation, logits = self.network(data, lesion_mask=lesion_mask) if lesion_mask is not None \
+            else self.network(data)
         seg_loss = self.loss(segmentation, target)
-        cls_loss = self.classification_loss(logits.float(), subtype)
+        cls_loss = self._subtype_loss(logits.float(), subtype, full_target)
         return segmentation, logits, seg_loss, cls_loss, seg_loss + self.classification_loss_weight * cls_loss
+
+    def _subtype_loss(self, logits: torch.Tensor, subtype: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Subtype CE, a weighted mean as nn.CrossEntropyLoss computes it; optionally over the patches that show
+        lesion only: a patch without it carries no evidence of the subtype (public attempts' lesson)."""
+        per_sample = self.classification_loss(logits, subtype)  # reduction="none"
+        weight = self.classification_loss.weight[subtype] if self.classification_loss.weight is not None \
+            else torch.ones_like(per_sample)
+        if self.subtype_loss_on_lesion_patches_only and self.lesion_label_present:
+            shows_lesion = (target == LESION_LABEL).flatten(1).any(dim=1)
+            weight = weight * shows_lesion
+        return (per_sample * weight).sum() / weight.sum().clamp_min(1e-6)
 
     def train_step(self, batch: dict) -> dict:
         data, target, subtype = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            _, _, seg_loss, cls_loss, loss = self._joint_loss(data, target, subtype)
+            _, _, seg_loss, cls_loss, loss = self._joint_loss(data, target, subtype, self.attend_to_true_lesion)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
