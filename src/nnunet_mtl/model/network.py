@@ -22,6 +22,16 @@ from torch import nn
 HEAD_KINDS = ("bottleneck", "multiscale", "lesion_attention")
 
 
+def _mlp(in_features: int, hidden: int, dropout: float, num_subtypes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(in_features),  # pooled features of different stages come at different scales
+        nn.Linear(in_features, hidden),
+        nn.LeakyReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_subtypes),
+    )
+
+
 class BottleneckHead(nn.Module):
     """The report's head: global average pool of the deepest encoder stage, one linear layer."""
 
@@ -46,13 +56,7 @@ class MultiScaleHead(nn.Module):
         super().__init__()
         self.n_stages = min(n_stages, len(channels))
         in_features = 2 * sum(channels[-self.n_stages:])
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(in_features),  # pooled features of different stages come at different scales
-            nn.Linear(in_features, hidden),
-            nn.LeakyReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_subtypes),
-        )
+        self.mlp = _mlp(in_features, hidden, dropout, num_subtypes)
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         pooled = []
@@ -81,13 +85,7 @@ class LesionAttentionHead(nn.Module):
         super().__init__()
         self.n_stages = min(n_stages, len(channels))
         in_features = 2 * sum(channels[-self.n_stages:])
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(in_features),  # pooled features of different stages come at different scales
-            nn.Linear(in_features, hidden),
-            nn.LeakyReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_subtypes),
-        )
+        self.mlp = _mlp(in_features, hidden, dropout, num_subtypes)
 
     def forward(self, skips: list[torch.Tensor], lesion_probability: torch.Tensor) -> torch.Tensor:
         pooled = []
