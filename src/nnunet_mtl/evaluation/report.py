@@ -460,7 +460,18 @@ def render_html(inputs: RunInputs, figures: list[tuple[str, Path, str]]) -> str:
 
 def build_report(run_dir: str | Path, training_dir: str | Path | None = None,
                  out_dir: str | Path | None = None) -> Path:
-    """Write every figure the inputs allow and ``report.html`` into ``out_dir`` (default RUN/report); return it."""
+    """Write every figure the inputs allow and ``report.html`` into ``out_dir`` (default RUN/report); return it.
+
+    Matplotlib's defaults are restored for the figures: nnU-Net's progress plot sets seaborn's font_scale=2.5
+    process-wide, which made these figures unreadable when the report followed training in one process.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        return _build_report(run_dir, training_dir, out_dir)
+
+
+def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir: str | Path | None) -> Path:
     inputs = locate_inputs(run_dir, training_dir)
     out = Path(out_dir) if out_dir is not None else inputs.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,12 @@ def plot_classification_progress(curves: dict[str, list], path: Path) -> None:
     n = len(curves.get("combined_score", []))
     if n == 0:
         return
+    # nnU-Net's progress plot sets seaborn's font_scale=2.5 for the whole process just before this one
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        _plot(curves, n, path)
+
+
+def _plot(curves: dict[str, list], n: int, path: Path) -> None:
     epochs = list(range(n))
     fig, (ax_loss, ax_metrics) = plt.subplots(2, 1, figsize=(10, 9), sharex=True)
     for key, label, style in [("train_seg_losses", "segmentation loss (train)", "b-"),
