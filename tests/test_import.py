@@ -415,8 +415,7 @@ def test_generic_without_split_column_uses_first_fold(tmp_path: Path) -> None:
 
 def test_real_ct_keeps_geometry_and_voxels(tmp_path: Path, import_work: Path, capsys: pytest.CaptureFixture) -> None:
     """A real CT through the generic layout: the imported pair must be the original grid and voxels exactly."""
-    if not REAL_CT.is_dir():
-        pytest.skip(f"{REAL_CT} not present")
+    assert REAL_CT.is_dir(), f"the real CT for end-to-end checks belongs at {REAL_CT} (shared/ beside the clone)"
     ct = read(REAL_CT / "example_ct.nii.gz")
     seg = read(REAL_CT / "example_seg.nii.gz")
     pancreas = (sitk.GetArrayFromImage(seg) == 10).astype(np.uint8)

@@ -32,7 +32,7 @@ AGGREGATIONS = ("mean", "lesion_weighted")
 @dataclass
 class TileRecord:
     logits: torch.Tensor  # (num_subtypes,) mean over mirror passes
-    lesion_voxels: float  # expected number of lesion voxels in the tile (sum of lesion probabilities)
+    lesion_voxels: float  # voxels of the tile predicted lesion
 
 
 def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_weighted") -> np.ndarray:
@@ -49,7 +49,7 @@ def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_we
     weights = torch.ones(len(records))
     if method == "lesion_weighted":
         lesion = torch.tensor([r.lesion_voxels for r in records], dtype=torch.float32)
-        if lesion.sum() > 1.0:  # at least about one voxel of lesion somewhere
+        if lesion.sum() >= 1.0:  # at least one voxel of lesion somewhere
             weights = lesion
     mean_logits = (logits * weights[:, None]).sum(0) / weights.sum()
     return torch.softmax(mean_logits, dim=0).numpy()
@@ -98,8 +98,8 @@ class MultiTaskPredictor(nnUNetPredictor):
 
     def _record_tile(self, segmentation: torch.Tensor, subtype_logits: torch.Tensor) -> None:
         lesion = 0.0
-        if self.lesion_label < segmentation.shape[1]:
-            lesion = float(torch.softmax(segmentation.float(), dim=1)[:, self.lesion_label].sum())
+        if self.aggregation == "lesion_weighted" and self.lesion_label < segmentation.shape[1]:
+            lesion = float((segmentation.argmax(1) == self.lesion_label).sum())
         for logits in subtype_logits.float().cpu():  # batch of one tile in practice
             self.tile_records.append(TileRecord(logits, lesion))
 
