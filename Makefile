@@ -54,8 +54,8 @@ demo: venv
 	"$(BIN)/nnunet-mtl" demo --workdir "$(WORKDIR)"
 
 bench: venv
-	"$(BIN)/python" bench/train_step.py
-	"$(BIN)/python" bench/predict_speed.py
+	"$(BIN)/python" bench/train_step.py --workdir "$(WORKDIR)"
+	"$(BIN)/python" bench/predict_speed.py --workdir "$(WORKDIR)" --rounds 1
 
 clean-demo:
 	rm -rf "$(WORKDIR)"
