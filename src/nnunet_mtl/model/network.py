@@ -44,12 +44,8 @@ class BottleneckHead(nn.Module):
         return self.linear(deepest.mean(dim=tuple(range(2, deepest.ndim))))
 
 
-class MultiScaleHead(nn.Module):
-    """Pooled features of the last ``n_stages`` encoder stages, concatenated, then a small MLP with dropout.
-
-    Public attempts found shallower stages carry more of the texture that tells subtypes apart than the bottleneck
-    alone; average and max pooling together keep both the overall and the most lesion-like response.
-    """
+class _StagesHead(nn.Module):
+    """Two pooled vectors per encoder stage for the last ``n_stages`` stages, concatenated, into an MLP."""
 
     def __init__(self, channels: list[int], num_subtypes: int, n_stages: int = 3, hidden: int = 128,
                  dropout: float = 0.3):
@@ -57,6 +53,14 @@ class MultiScaleHead(nn.Module):
         self.n_stages = min(n_stages, len(channels))
         in_features = 2 * sum(channels[-self.n_stages:])
         self.mlp = _mlp(in_features, hidden, dropout, num_subtypes)
+
+
+class MultiScaleHead(_StagesHead):
+    """Pooled features of the last ``n_stages`` encoder stages, concatenated, then a small MLP with dropout.
+
+    Public attempts found shallower stages carry more of the texture that tells subtypes apart than the bottleneck
+    alone; average and max pooling together keep both the overall and the most lesion-like response.
+    """
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         pooled = []
@@ -71,7 +75,7 @@ def _pool_to(weights: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return pool(weights, size)
 
 
-class LesionAttentionHead(nn.Module):
+class LesionAttentionHead(_StagesHead):
     """Encoder features pooled where the decoder sees the lesion, next to their global average, then an MLP.
 
     The subtype is a property of the lesion, which may fill a few hundred of a patch's hundred thousand voxels;
@@ -79,13 +83,6 @@ class LesionAttentionHead(nn.Module):
     segmentation) weights each of the last ``n_stages`` encoder stages. Where no lesion is predicted the weights
     are uniform and the head falls back to global pooling. Still one encoder pass.
     """
-
-    def __init__(self, channels: list[int], num_subtypes: int, n_stages: int = 3, hidden: int = 128,
-                 dropout: float = 0.3):
-        super().__init__()
-        self.n_stages = min(n_stages, len(channels))
-        in_features = 2 * sum(channels[-self.n_stages:])
-        self.mlp = _mlp(in_features, hidden, dropout, num_subtypes)
 
     def forward(self, skips: list[torch.Tensor], lesion_probability: torch.Tensor) -> torch.Tensor:
         pooled = []
