@@ -117,7 +117,6 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.save_every = 1
         self.classification_loss: nn.Module | None = None
         self._best_combined: float | None = None
-        self._validation_predictor: MultiTaskPredictor | None = None
         for key in EXTRA_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging[key] = []
 
