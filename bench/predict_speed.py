@@ -153,7 +153,7 @@ def main() -> None:
         for mode, seconds in best.items():
             quality = score(scratch / mode, truth) if mode != "floor" else {}
             changed = ""
-            if mode in ("fast", "fast_seg") and reference and mode == "fast":
+            if mode == "fast" and reference:
                 mine = subtypes(scratch / mode)
                 changed = f"{sum(mine[k] != v for k, v in reference.items()) / len(reference):.0%}"
             ratio_stock = f"{best['stock'] / seconds:.2f}x" if "stock" in best else ""

@@ -70,7 +70,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     result = DemoResult()
     phantom = workdir / "phantom"
-    dataset = f"Dataset{config.dataset_id:03d}_{DEMO_DATASET_NAME}"
+    dataset = paths.dataset_folder_name(config.dataset_id, DEMO_DATASET_NAME)
     raw = work.raw / dataset
     preprocessed = work.preprocessed / dataset
     model = work.results / dataset / f"nnUNetTrainerMTL__{PLANS_CHOICES['demo']}__3d_fullres"

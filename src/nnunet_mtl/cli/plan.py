@@ -13,7 +13,7 @@ writes into nnUNet_preprocessed/Dataset<NNN>_<name>/:
   nnUNetPlans_MTL.json                                multi-task plans: our network around nnU-Net's U-Net
   nnUNetPlans_MTLdemo.json                            with --preset demo: 4 stages, 16 base features, patch
                                                       <= 32x64x64, batch 2 (trains on 2 CPU cores in minutes)
-  splits_final.json                                   copied from the import: fold 0 = published split
+  splits_final.json                                   copied from the import by nnU-Net: fold 0 = published split
 
 examples:
   nnunet-mtl plan 501 --preset demo

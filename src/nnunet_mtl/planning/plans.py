@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +119,9 @@ def _write_json_atomic(path: Path, content: dict) -> None:
 def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: str | None = None,
                         head: str = DEFAULT_HEAD, num_processes: int | None = None,
                         force: bool = False) -> dict[str, Path]:
-    """Fingerprint, plan and preprocess with nnU-Net, copy our splits, write the derived multi-task plans.
+    """Fingerprint, plan and preprocess with nnU-Net, then write the derived multi-task plans.
+
+    nnU-Net's planner itself copies the importer's splits_final.json (fold 0 = the published split) from raw.
 
     Returns the paths of the plans files written, by plans identifier.
     """
@@ -150,11 +151,6 @@ def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: st
     data_folder = preprocessed_folder / base_plans["configurations"][CONFIGURATION]["data_identifier"]
     if force or not data_folder.is_dir() or not any(data_folder.iterdir()):
         preprocess_dataset(dataset_id, choice.plans_name, [CONFIGURATION], [n_proc])
-
-    splits = raw_folder / "splits_final.json"
-    if splits.is_file():
-        # nnU-Net reads the split from the preprocessed folder; fold 0 is the published train/validation split.
-        shutil.copyfile(splits, preprocessed_folder / "splits_final.json")
 
     dataset_json = json.loads((raw_folder / "dataset.json").read_text())
     subtypes = subtype_names_from_dataset_json(dataset_json)
