@@ -40,8 +40,12 @@ $(STAMP): $(BIN)/.deps-ok pyproject.toml
 	"$(BIN)/python" -m pip install -q --no-deps --no-build-isolation -e .
 	echo "$(VENV)" > $(STAMP)
 
+# The venv is shared by every clone, so its editable install points at whichever clone installed last:
+# re-point it when it does not import this clone's package (a few seconds).
 venv: $(STAMP)
-	@grep -qx "$(VENV)" $(STAMP) || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
+	@grep -qx "$(VENV)" $(STAMP) && "$(BIN)/python" -c "import sys, nnunet_mtl; \
+		sys.exit(not nnunet_mtl.__file__.startswith('$(CURDIR)/src/'))" 2>/dev/null \
+		|| { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 	@ln -sfn "$(VENV)" .venv
 
 test: venv lint
