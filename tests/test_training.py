@@ -12,6 +12,7 @@ from conftest import TINY_DATASET_ID, TINY_PLANS
 
 from nnunet_mtl.training.dataloader import class_balanced_probabilities
 from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
+from nnunet_mtl.training.trainer import cpu_has_fast_bf16
 
 
 def make_trainer(fold=0, **settings):
@@ -118,6 +119,20 @@ def test_joint_loss_falls_on_an_easy_batch(tiny_env):
     trainer.network.train()
     losses = [float(trainer.train_step(batch)["loss"]) for _ in range(30)]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_precision_choice_runs_the_forward_pass_as_asked(tiny_env, bf16):
+    """bfloat16 autocast on CPU where asked (default: where the CPU has it natively), fp32 losses either way."""
+    trainer = make_trainer(cpu_bf16=bf16)
+    batch = first_batch(trainer)
+    seen = []
+    hook = trainer.network.encoder.register_forward_hook(lambda module, args, out: seen.append(out[-1].dtype))
+    result = trainer.train_step(batch)
+    hook.remove()
+    assert seen == [torch.bfloat16 if bf16 else torch.float32]
+    assert all(np.isfinite(float(result[k])) for k in ("loss", "seg_loss", "cls_loss"))
+    assert make_trainer().cpu_bf16 == cpu_has_fast_bf16()
 
 
 def test_resume_restores_epoch_optimizer_and_logger(tiny_env, monkeypatch):

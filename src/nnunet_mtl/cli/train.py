@@ -68,9 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--oversample-foreground", type=float, dest="oversample_foreground_percent",
                        help="share of patches forced to contain foreground (nnU-Net: 0.33)")
     group.add_argument("--lesion-patches-only", type=_bool, dest="subtype_loss_on_lesion_patches_only",
-                       metavar="yes|no", help="subtype loss only on patches that show lesion (default no)")
+                       metavar="yes|no", help="subtype loss only on patches that show lesion (default yes)")
     group.add_argument("--attend-true-lesion", type=_bool, dest="attend_to_true_lesion", metavar="yes|no",
-                       help="lesion_attention head: pool over the true lesion while training (default no)")
+                       help="lesion_attention head: pool over the true lesion while training (default yes)")
+    parser.add_argument("--cpu-bf16", type=_bool, dest="cpu_bf16", metavar="yes|no",
+                        help="on CPU, run the forward pass under bfloat16 autocast (default: yes where the CPU "
+                             "computes bfloat16 natively, AVX512-BF16 or AMX)")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations (default 1)")
     group.add_argument("--final-validation-fast", type=_bool, metavar="yes|no",
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         case_validation_every=args.case_validation_every,
         final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
-        attend_to_true_lesion=args.attend_to_true_lesion)
+        attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16)
     try:
         result = train(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
                        initial_weights=args.initial_weights, validate=not args.no_validation)

@@ -80,8 +80,10 @@ class LesionAttentionHead(_StagesHead):
 
     The subtype is a property of the lesion, which may fill a few hundred of a patch's hundred thousand voxels;
     global pooling drowns it. The decoder's lesion probability (detached: classification must not bend the
-    segmentation) weights each of the last ``n_stages`` encoder stages. Where no lesion is predicted the weights
-    are uniform and the head falls back to global pooling. Still one encoder pass.
+    segmentation) weights each of the last ``n_stages`` encoder stages, by default all of them: a small lesion is
+    a voxel or two at the deep stages, whose features mostly describe its surroundings, while the full-resolution
+    stage still sees its own attenuation, which is what tells the subtypes apart. Where no lesion is predicted the
+    weights are uniform and the head falls back to global pooling. Still one encoder pass.
     """
 
     def forward(self, skips: list[torch.Tensor], lesion_probability: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,8 @@ class MultiTaskUNet(nn.Module):
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str, num_subtypes: int,
-                 head: str = "bottleneck", head_stages: int = 3, head_hidden: int = 128, head_dropout: float = 0.3,
+                 head: str = "bottleneck", head_stages: int | None = None, head_hidden: int = 128,
+                 head_dropout: float = 0.3,
                  deep_supervision: bool = False, return_classification: bool = True, **backbone_kwargs: Any):
         super().__init__()
         backbone_class = pydoc.locate(backbone)
@@ -116,6 +119,8 @@ class MultiTaskUNet(nn.Module):
         self.encoder = unet.encoder
         self.decoder = unet.decoder
         channels = list(self.encoder.output_channels)
+        if head_stages is None:  # the attention head reads every stage; the multi-scale head the deepest three
+            head_stages = len(channels) if head == "lesion_attention" else 3
         if head == "bottleneck":
             self.classifier: nn.Module = BottleneckHead(channels, num_subtypes)
         elif head == "multiscale":

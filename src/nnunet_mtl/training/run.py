@@ -34,6 +34,7 @@ class TrainSettings:
     save_every: int | None = None
     subtype_loss_on_lesion_patches_only: bool | None = None
     attend_to_true_lesion: bool | None = None
+    cpu_bf16: bool | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 
