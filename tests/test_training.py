@@ -12,7 +12,6 @@ from conftest import TINY_DATASET_ID, TINY_PLANS
 
 from nnunet_mtl.training.dataloader import class_balanced_probabilities
 from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
-from nnunet_mtl.training.trainer import cpu_has_fast_bf16
 
 
 def make_trainer(fold=0, **settings):
@@ -132,7 +131,22 @@ def test_cpu_precision_choice_runs_the_forward_pass_as_asked(tiny_env, bf16):
     hook.remove()
     assert seen == [torch.bfloat16 if bf16 else torch.float32]
     assert all(np.isfinite(float(result[k])) for k in ("loss", "seg_loss", "cls_loss"))
-    assert make_trainer().cpu_bf16 == cpu_has_fast_bf16()
+    assert make_trainer().cpu_bf16 is False  # opt-in
+
+
+def test_bf16_step_with_a_non_finite_gradient_is_skipped(tiny_env):
+    trainer = make_trainer(cpu_bf16=True)
+    batch = first_batch(trainer)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    weight = trainer.network.encoder.stages[0][0].convs[0].conv.weight
+    hook = weight.register_hook(lambda grad: grad * float("nan"))
+    trainer.train_step(batch)
+    hook.remove()
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.network.state_dict().items())
+    trainer.train_step(batch)  # a finite step goes through
+    assert trainer.skipped_steps == 1
+    assert not torch.equal(before["encoder.stages.0.0.convs.0.conv.weight"], weight.detach())
 
 
 def test_resume_restores_epoch_optimizer_and_logger(tiny_env, monkeypatch):
@@ -205,3 +219,4 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
     assert metrics["n_cases"] == 3  # one validation case per subtype
     header = (fold / "validation" / "subtype_results.csv").read_text().splitlines()[0]
     assert header == "Names,Subtype"
+

@@ -26,7 +26,7 @@ class DemoConfig:
     train_per_subtype: tuple[int, int, int] | None = None  # None: the phantom preset's defaults
     val_per_subtype: tuple[int, int, int] | None = None
     n_test: int | None = None
-    epochs: int = 32
+    epochs: int = 24
     iterations: int = 50
     val_iterations: int = 4
     case_validation_every: int = 3

@@ -72,8 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--attend-true-lesion", type=_bool, dest="attend_to_true_lesion", metavar="yes|no",
                        help="lesion_attention head: pool over the true lesion while training (default yes)")
     parser.add_argument("--cpu-bf16", type=_bool, dest="cpu_bf16", metavar="yes|no",
-                        help="on CPU, run the forward pass under bfloat16 autocast (default: yes where the CPU "
-                             "computes bfloat16 natively, AVX512-BF16 or AMX)")
+                        help="on CPU, run the forward pass under bfloat16 autocast: about 1.6x faster per step "
+                             "on CPUs with AVX512-BF16 or AMX; steps with non-finite gradients are skipped "
+                             "(default no)")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations (default 1)")
     group.add_argument("--final-validation-fast", type=_bool, metavar="yes|no",

@@ -141,13 +141,17 @@ class MultiTaskUNet(nn.Module):
         segmentation = self.decoder(skips)
         if not self.return_classification:
             return segmentation
-        if self.head_kind != "lesion_attention":
-            return segmentation, self.classifier(skips)
-        if lesion_mask is None:
-            full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-            # the last label is the lesion (the class whose kind the head names)
-            lesion_mask = torch.softmax(full.detach().float(), dim=1)[:, -1:]
-        return segmentation, self.classifier(skips, lesion_mask.to(skips[-1].dtype))
+        # The head runs in fp32 even under autocast: it sums features over a whole patch or crop (overflow in fp16,
+        # 8 bits of mantissa in bfloat16, NaN losses measured on CPU), and costs next to nothing at any precision.
+        with torch.autocast(x.device.type, enabled=False):
+            skips = [s.float() for s in skips]
+            if self.head_kind != "lesion_attention":
+                return segmentation, self.classifier(skips)
+            if lesion_mask is None:
+                full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+                # the last label is the lesion (the class whose kind the head names)
+                lesion_mask = torch.softmax(full.detach().float(), dim=1)[:, -1:]
+            return segmentation, self.classifier(skips, lesion_mask.float())
 
     def initialize(self, module: nn.Module) -> None:
         """Called by nnU-Net's builder through ``network.apply(network.initialize)``: the backbone's own init."""
