@@ -104,6 +104,31 @@ def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset):
     assert len(encoder_calls) == n_tiles * n_mirrors  # ...from the same encoder passes as the segmentation
 
 
+class _LesionAt(torch.nn.Module):
+    """Stands in for the network: lesion where the input is above 1, subtype logits that name the input's shape."""
+
+    def forward(self, x):
+        segmentation = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        segmentation[:, 0] = 1.0
+        segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
+        return segmentation, torch.tensor([[float(x.shape[2]), float(x.shape[3]), float(x.shape[4])]])
+
+
+def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):
+    predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode.fast())
+    predictor.network = _LesionAt()
+    patch = np.array(predictor.configuration_manager.patch_size)
+    image = torch.zeros(1, *(patch * [1, 2, 2]))
+    image[0, 2:4, -6:-2, 3:7] = 5.0  # one lesion near a corner
+    predictor.predict_with_current_weights(image)
+    (record,) = predictor.tile_records
+    assert record.logits.tolist() == patch.tolist()  # the patch-sized tile decided, not the whole crop
+    assert record.lesion_voxels == 2 * 4 * 4  # and it holds the whole lesion
+    predictor.predict_with_current_weights(torch.zeros(1, *(patch * [1, 2, 2])))  # no lesion: the single pass
+    (record,) = predictor.tile_records
+    assert record.logits.tolist() == (patch * [1, 2, 2]).tolist()
+
+
 def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_model, tiny_dataset, tmp_path,
                                                                        monkeypatch):
     import nnunet_mtl.inference.predict as predict_module

@@ -15,8 +15,9 @@ writes into OUT:
   subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (softmax, aggregated over tiles, mirrors, folds)
 
 modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
-and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only (README: measured
-speed and accuracy). Largest-component postprocessing follows the model's postprocessing.json unless overridden.
+and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only, the subtype from
+one more patch-sized pass centred on the largest predicted lesion (README: measured speed and accuracy).
+Largest-component postprocessing follows the model's postprocessing.json unless overridden.
 A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
 and the exit status is 1 when any case failed.
 

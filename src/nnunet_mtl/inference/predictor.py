@@ -10,7 +10,9 @@ Overrides of :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` (
 - ``predict_sliding_window_return_logits``: fast mode on CPU predicts a crop of up to ``single_pass_max_patches``
   patch volumes in a single pass, padded only to the network's stride. The network is fully convolutional; measured on
   the phantom test set, a single pass over the whole crop gave the same whole-pancreas Dice as tiling at step 1.0
-  (0.827 vs 0.829), a better lesion Dice (0.446 vs 0.399: no tile borders) in a quarter of the time.
+  (0.827 vs 0.829), a better lesion Dice (0.446 vs 0.399: no tile borders) in a quarter of the time. The subtype
+  then comes from one extra patch-sized forward pass centred on the largest predicted lesion, the field of view
+  the head learned on.
 
 Everything else (preprocessing, Gaussian weighting, resampling back to the original geometry) is nnU-Net's.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
+from scipy import ndimage
 
 AGGREGATIONS = ("mean", "lesion_weighted")
 
@@ -144,6 +147,29 @@ class MultiTaskPredictor(nnUNetPredictor):
         autocast = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
         with autocast:
             logits = self._internal_maybe_mirror_and_predict(x)[0]
+            if self.tile_records and self.lesion_label < logits.shape[0]:
+                self._classify_on_lesion_tile(x, logits)
         crop = tuple(slice(int(b), int(b + s)) for b, s in zip(before, shape))
         return logits[(slice(None), *crop)].float().to("cpu")
+
+    def _classify_on_lesion_tile(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Replace the single pass's subtype with that of one patch-sized tile centred on the predicted lesion.
+
+        The head learned on patch-sized, lesion-centred tiles; over a whole crop the encoder's instance
+        normalisation sees another field of view and the head drifts (measured on the demo's test set: macro-F1
+        0.37 from the single pass, 0.64 from tiles at step 0.5 over the same model). One extra forward pass of one
+        patch, on the largest predicted lesion; without a predicted lesion the single pass's subtype stands.
+        """
+        lesion = (logits.argmax(0) == self.lesion_label).cpu().numpy()
+        if not lesion.any():
+            return
+        components, n = ndimage.label(lesion)
+        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+        centre = np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
+        patch = np.array(self.configuration_manager.patch_size)
+        shape = np.array(x.shape[2:])
+        start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
+        tile = x[(slice(None), slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))]
+        self.tile_records = []
+        self._internal_maybe_mirror_and_predict(tile)
 
