@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also write a small CPU-friendly configuration (plans only, same preprocessing)")
     parser.add_argument("--head", choices=["lesion_attention", "bottleneck", "multiscale"],
                         default="lesion_attention",
-                        help="classification head: lesion_attention (features of the last 3 encoder stages "
+                        help="classification head: lesion_attention (features of every encoder stage "
                              "pooled where the decoder predicts lesion, + MLP; default), bottleneck (the report's "
                              "global average pool + linear) or multiscale (global avg+max pool of the last 3 "
                              "stages + MLP)")
