@@ -118,7 +118,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.class_balanced_sampling = False
         self.frozen_parts: tuple[str, ...] = ()
         self.head_lr_scale = 0.1
-        # With the all-stage attention head: phantom test macro-F1 0.52-0.70 over five runs (36 cases, README),
+        # With the all-stage attention head: phantom test macro-F1 0.35-0.70 over seven runs (36 cases, README),
         # against 0.20-0.38 with both off (12 cases), segmentation unchanged.
         self.subtype_loss_on_lesion_patches_only = True
         self.attend_to_true_lesion = True
