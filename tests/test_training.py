@@ -123,7 +123,7 @@ def test_joint_loss_falls_on_an_easy_batch(tiny_env):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_precision_choice_runs_the_forward_pass_as_asked(tiny_env, bf16):
-    """bfloat16 autocast on CPU where asked (default: where the CPU has it natively), fp32 losses either way."""
+    """bfloat16 autocast on CPU only where asked (opt-in), fp32 losses either way."""
     trainer = make_trainer(cpu_bf16=bf16)
     batch = first_batch(trainer)
     seen = []
@@ -222,4 +222,3 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
     assert metrics["n_cases"] == 3  # one validation case per subtype
     header = (fold / "validation" / "subtype_results.csv").read_text().splitlines()[0]
     assert header == "Names,Subtype"
-

@@ -163,7 +163,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         lesion = (logits.argmax(0) == self.lesion_label).cpu().numpy()
         if not lesion.any():
             return
-        components, n = ndimage.label(lesion)
+        components, _ = ndimage.label(lesion)
         largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
         centre = np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
         patch = np.array(self.configuration_manager.patch_size)
