@@ -111,12 +111,17 @@ def test_lesion_attention_pools_where_the_lesion_is():
     lesion[:, :, 2:4, 4:8, 4:8] = 1.0
     captured = {}
     head.mlp.register_forward_hook(lambda m, inputs, out: captured.update(x=inputs[0]))
-    head(([fine, coarse]), lesion)
-    assert captured["x"].shape == (1, 2 + 3)  # one attended vector per stage, nothing global
+    image = torch.randn(1, 1, 4, 8, 8)
+    image[:, :, 2:4, 4:8, 4:8] = torch.linspace(-1.0, 3.0, 32).reshape(1, 1, 2, 4, 4)  # the lesion's intensities
+    head(([fine, coarse]), lesion, image)
+    assert captured["x"].shape == (1, 2 + 3 + 2)  # one attended vector per stage + image mean/std, nothing global
     attended_fine = captured["x"][0, :2]
     assert torch.allclose(attended_fine, torch.full((2,), 5.0), atol=1e-3)  # pooled inside the lesion only
-    head(([fine, coarse]), torch.zeros_like(lesion))  # no lesion predicted: uniform weights, the global average
+    inside = image[:, :, 2:4, 4:8, 4:8].flatten()
+    assert torch.allclose(captured["x"][0, 5:], torch.stack([inside.mean(), inside.std(unbiased=False)]), atol=1e-3)
+    head(([fine, coarse]), torch.zeros_like(lesion), image)  # no lesion predicted: uniform weights, global average
     assert torch.allclose(captured["x"][0, :2], torch.full((2,), 5.0 * 32 / 256), atol=1e-4)
+    assert torch.allclose(captured["x"][0, 5], image.mean(), atol=1e-4)
 
 
 def test_training_attention_can_follow_the_true_lesion():

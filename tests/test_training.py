@@ -89,6 +89,40 @@ def test_head_learns_at_a_scaled_rate_through_the_poly_schedule(tiny_env):
     assert len(body["params"]) + len(head["params"]) == len(list(trainer.network.parameters()))
 
 
+def test_adamw_option_builds_adamw_at_its_own_default_rate(tiny_env):
+    trainer = make_trainer(optimizer="adamw")
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.initial_lr == pytest.approx(2e-3)  # not nnU-Net's SGD rate of 0.01
+    trainer.lr_scheduler.step(0)
+    body, head = trainer.optimizer.param_groups
+    assert body["lr"] == pytest.approx(2e-3) and head["lr"] == pytest.approx(trainer.head_lr_scale * 2e-3)
+    assert isinstance(make_trainer(optimizer="adamw", initial_lr=3e-4).optimizer, torch.optim.AdamW)
+    assert make_trainer(optimizer="adamw", initial_lr=3e-4).initial_lr == pytest.approx(3e-4)
+    assert isinstance(make_trainer().optimizer, torch.optim.SGD)  # nnU-Net's stays the default
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        make_trainer(optimizer="adam")
+
+
+def test_augmentation_options_drop_mirroring_and_narrow_rotation(tiny_env):
+    default = make_trainer()
+    rotation, _, default_initial, mirror_axes = default.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes == (0, 1, 2) and default.inference_allowed_mirroring_axes == (0, 1, 2)
+    trainer = make_trainer(mirror_augmentation=False, max_rotation_degrees=10)
+    rotation, _, initial, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+    assert np.allclose(rotation, (-np.deg2rad(10), np.deg2rad(10)))
+    # less rotation needs less margin around the patch before cropping it
+    assert all(a <= b for a, b in zip(initial, default_initial)) and list(initial) != list(default_initial)
+
+
+def test_resuming_with_another_optimizer_is_refused(tiny_env, tmp_path):
+    sgd = make_trainer()
+    sgd.save_checkpoint(str(tmp_path / "sgd.pth"))
+    adamw = make_trainer(optimizer="adamw")
+    with pytest.raises(ValueError, match="optimizer 'sgd'.*--optimizer sgd"):
+        adamw.load_checkpoint(str(tmp_path / "sgd.pth"))
+
+
 def test_freezing_the_encoder_keeps_its_weights(tiny_env):
     trainer = make_trainer(frozen_parts=("encoder",))
     batch = first_batch(trainer)

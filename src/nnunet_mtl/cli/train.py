@@ -49,7 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, help="epochs (nnU-Net: 1000)")
     parser.add_argument("--iterations", type=int, help="training iterations per epoch (nnU-Net: 250)")
     parser.add_argument("--val-iterations", type=int, help="validation patches per epoch (nnU-Net: 50)")
-    parser.add_argument("--lr", type=float, dest="initial_lr", help="initial learning rate (nnU-Net: 0.01)")
+    parser.add_argument("--lr", type=float, dest="initial_lr",
+                        help="initial learning rate (nnU-Net's SGD: 0.01; AdamW: 0.002)")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"],
+                        help="sgd: nnU-Net's (default, for the 1000-epoch protocol); adamw: converges much faster "
+                             "in short runs such as the CPU demo")
+    parser.add_argument("--mirror", type=_bool, dest="mirror_augmentation", metavar="yes|no",
+                        help="mirroring augmentation (default yes, as nnU-Net; no also turns off test-time "
+                             "mirroring, since CT comes in one orientation)")
+    parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
+                        help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")
     parser.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
     parser.add_argument("--initial-weights", help="start from a checkpoint: ours or a segmentation-only nnU-Net "
                                                   "one (the head then starts fresh)")
@@ -101,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         case_validation_every=args.case_validation_every,
         final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
-        attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16)
+        attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
+        mirror_augmentation=args.mirror_augmentation, max_rotation_degrees=args.max_rotation_degrees)
     try:
         result = train(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
                        initial_weights=args.initial_weights, validate=not args.no_validation)

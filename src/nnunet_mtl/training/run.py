@@ -35,11 +35,14 @@ class TrainSettings:
     subtype_loss_on_lesion_patches_only: bool | None = None
     attend_to_true_lesion: bool | None = None
     cpu_bf16: bool | None = None
+    optimizer: str | None = None
+    mirror_augmentation: bool | None = None
+    max_rotation_degrees: float | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 
 SETTING_TO_ATTRIBUTE = {"epochs": "num_epochs", "iterations": "num_iterations_per_epoch",
-                        "val_iterations": "num_val_iterations_per_epoch"}
+                        "val_iterations": "num_val_iterations_per_epoch", "optimizer": "optimizer_name"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +75,12 @@ def build_trainer(dataset: str | int, plans: str = "default", fold: int | str = 
 
 
 def apply_settings(trainer, settings: TrainSettings) -> None:
+    from nnunet_mtl.training.trainer import ADAMW_DEFAULT_LR, OPTIMIZERS
+
+    if settings.optimizer is not None and settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose from {OPTIMIZERS}")
+    if settings.optimizer == "adamw" and settings.initial_lr is None:
+        trainer.initial_lr = ADAMW_DEFAULT_LR  # nnU-Net's 0.01 is an SGD rate
     for key, value in vars(settings).items():
         if value is None or (key == "frozen_parts" and not value):
             continue
