@@ -26,7 +26,7 @@ Subtypes: 0 hypodense irregular solid, 1 near-water cyst with septa, 2 hyper-enh
 quarters of the masks are float32 with label 1 stored as 1.0000152587890625, like the real data.
 
 presets:
-  small  24-32 x 72-88 x 88-112 voxels, spacing ~[2.0, 1.45, 1.45] mm; default counts 15,25,20 / 3,5,4 / 36
+  small  24-32 x 100-122 x 122-155 voxels, spacing ~[2.0, 1.05, 1.05] mm; default counts 15,25,20 / 3,5,4 / 36
   full   40-90 x 120-260 x 150-300 voxels, spacing ~[2.0, 0.75, 0.75] mm; the real counts 62,106,84 / 9,15,12 / 72
 
 examples:
