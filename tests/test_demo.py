@@ -6,6 +6,7 @@ import json
 from html.parser import HTMLParser
 
 from nnunet_mtl.cli import main as cli_main
+from nnunet_mtl.demo import DEMO_BARS
 from nnunet_mtl.inference.submission import check_submission
 
 
@@ -18,6 +19,9 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path, monk
     out = capsys.readouterr().out
     assert "nnunet-mtl demo summary" in out and "time per stage" in out
     summary = json.loads((work / "demo_summary.json").read_text())
+    for name, bar in DEMO_BARS.items():  # each bar printed against the measured number, with its verdict
+        score = summary["test_metrics"][name]
+        assert f"demo bar {name} >= {bar}: {score:.3f} {'met' if score >= bar else 'NOT met'}" in out
     assert set(summary["test_metrics"]) == {"whole_pancreas_dice", "lesion_dice", "accuracy", "macro_f1"}
     assert summary["reused"] == []
     predictions = work / "demo_predictions"

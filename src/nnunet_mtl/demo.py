@@ -19,6 +19,10 @@ DEMO_DATASET_ID = 501
 DEMO_DATASET_NAME = "Pancreas"
 
 
+# What the demo must reach on the phantom test set (issue 6); printed against the measured numbers.
+DEMO_BARS = {"whole_pancreas_dice": 0.90, "lesion_dice": 0.60, "macro_f1": 0.80}
+
+
 @dataclass
 class DemoConfig:
     workdir: Path
@@ -29,7 +33,9 @@ class DemoConfig:
     epochs: int = 36
     iterations: int = 50
     val_iterations: int = 4
-    case_validation_every: int = 12  # a case-level validation costs ~22 s here, as much as 80 training steps
+    # A case-level validation of the 12 validation cases costs ~17 s here, as much as 60 training steps, and does
+    # not change the model: the demo runs it at the first and the last epoch only (the curves' two end points).
+    case_validation_every: int = 36
     # None: bfloat16 autocast where the CPU computes it natively (a step 0.20 s instead of 0.33 s here), else fp32.
     cpu_bf16: bool | None = None
     # A short CPU run: AdamW converges where nnU-Net's SGD has not yet (phantom test whole-pancreas Dice 0.919
@@ -144,7 +150,10 @@ def format_result(result: DemoResult) -> str:
 
     lines = ["", "nnunet-mtl demo summary", "-----------------------"]
     if result.metrics:
-        lines += [f"test set (phantom, case level): {headline(result.metrics)}"]
+        scores = headline(result.metrics)
+        lines += [f"test set (phantom, case level): {scores}"]
+        lines += [f"  demo bar {name} >= {bar}: {scores[name]:.3f} {'met' if scores[name] >= bar else 'NOT met'}"
+                  for name, bar in DEMO_BARS.items()]
     lines += ["time per stage:"]
     lines += [f"  {name:<22} {seconds:7.1f} s{'  (reused)' if name in result.reused else ''}"
               for name, seconds in result.stage_seconds.items()]

@@ -182,10 +182,11 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         self.freeze(self.frozen_parts)
         if self.device.type == "cpu" and self.cpu_bf16 and not cpu_has_fast_bf16():
             self.print_to_log_file("warning: bfloat16 autocast asked for on a CPU without native bfloat16 (slower)")
+        rotation = "nnU-Net's" if self.max_rotation_degrees is None else f"{self.max_rotation_degrees} degrees"
         self.print_to_log_file(f"multi-task: subtypes {self.subtype_names}, class weights {weights}, "
                                f"cls weight {self.classification_loss_weight}, frozen {self.frozen_parts}; "
                                f"optimizer {self.optimizer_name} at {self.initial_lr}, mirroring "
-                               f"{self.mirror_augmentation}, rotation limit {self.max_rotation_degrees or 'nnU-Net'}, "
+                               f"{self.mirror_augmentation}, rotation limit {rotation}, "
                                f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}")
 
     def configure_optimizers(self):
