@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("work"), help="where everything goes (default: work)")
     parser.add_argument("--fresh", action="store_true", help="delete WORKDIR first and redo every stage")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 36)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 32)")
     parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--train-per-subtype", type=_counts, default=None, metavar="A,B,C",
