@@ -75,10 +75,8 @@ def build_trainer(dataset: str | int, plans: str = "default", fold: int | str = 
 
 
 def apply_settings(trainer, settings: TrainSettings) -> None:
-    from nnunet_mtl.training.trainer import ADAMW_DEFAULT_LR, OPTIMIZERS
+    from nnunet_mtl.training.trainer import ADAMW_DEFAULT_LR
 
-    if settings.optimizer is not None and settings.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose from {OPTIMIZERS}")
     if settings.optimizer == "adamw" and settings.initial_lr is None:
         trainer.initial_lr = ADAMW_DEFAULT_LR  # nnU-Net's 0.01 is an SGD rate
     for key, value in vars(settings).items():
