@@ -17,7 +17,7 @@ from conftest import REAL_CT
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference.outputs import read_probability_table
 from nnunet_mtl.inference.predict import PredictionMode, load_predictor, predict_folder
-from nnunet_mtl.inference.predictor import TileRecord, aggregate_subtype_logits
+from nnunet_mtl.inference.predictor import TileRecord, aggregate_subtype_logits, lesion_centre
 
 CPU = torch.device("cpu")
 
@@ -41,6 +41,17 @@ def test_lesion_weighted_aggregation_follows_the_lesion_tiles():
     no_lesion = [TileRecord(r.logits, 0.0) for r in records]
     assert np.allclose(aggregate_subtype_logits(no_lesion, "lesion_weighted"),
                        aggregate_subtype_logits(no_lesion, "mean"))
+
+
+def test_lesion_centre_picks_the_lesion_in_the_gland_over_a_larger_one_outside():
+    labels = np.zeros((12, 40, 40), np.uint8)
+    labels[3:9, 5:20, 5:20] = 1  # the gland
+    labels[5:8, 10:13, 10:13] = 2  # its lesion: 27 voxels
+    labels[2:9, 28:35, 28:35] = 2  # a larger false lesion away from it: 343 voxels, the largest component
+    assert lesion_centre(labels, 2).tolist() == [6, 11, 11]
+    labels[labels == 1] = 0  # no gland around either: the largest lesion
+    assert lesion_centre(labels, 2).tolist() == [5, 31, 31]
+    assert lesion_centre(np.ones((4, 4, 4), np.uint8), 2) is None
 
 
 def write_image(path: Path, array: np.ndarray, spacing, origin, direction) -> None:
@@ -89,7 +100,9 @@ def test_predict_keeps_geometry_and_writes_the_task_format(tiny_model, tiny_data
 
 
 def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset):
-    predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(use_mirroring=True))
+    # lesion_weighted: the tiles' own records, no extra lesion-centred pass
+    predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(use_mirroring=True,
+                                                                          aggregation="lesion_weighted"))
     encoder_calls = []
     handle = predictor.network.encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
     image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
@@ -127,6 +140,22 @@ def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_mod
     predictor.predict_with_current_weights(torch.zeros(1, *(patch * [1, 2, 2])))  # no lesion: the single pass
     (record,) = predictor.tile_records
     assert record.logits.tolist() == (patch * [1, 2, 2]).tolist()
+
+
+def test_tiled_prediction_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):
+    predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(use_mirroring=False, tile_step_size=1.0))
+    predictor.network = _LesionAt()
+    patch = np.array(predictor.configuration_manager.patch_size)
+    image = torch.zeros(1, *(patch * [1, 3, 3]))
+    image[0, 1:3, patch[1] - 2:patch[1] + 2, 3:7] = 5.0  # one lesion across a tile border
+    _, probabilities = predictor.predict_with_current_weights(image)
+    (record,) = predictor.tile_records  # the nine tiles' records gave way to one lesion-centred patch
+    assert record.logits.tolist() == patch.tolist() and record.lesion_voxels == 2 * 4 * 4
+    assert np.allclose(probabilities, softmax(patch.astype(float)))
+    predictor.aggregation = "lesion_weighted"  # tiles weighted by their lesion: both tiles that hold half of it
+    predictor.predict_with_current_weights(image)
+    assert len(predictor.tile_records) == 9
+    assert sorted(r.lesion_voxels for r in predictor.tile_records)[-2:] == [2 * 2 * 4, 2 * 2 * 4]
 
 
 def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_model, tiny_dataset, tmp_path,

@@ -12,11 +12,12 @@ writes into OUT:
   <case>.nii.gz               uint8 mask (0 background, 1 pancreas, 2 lesion), same size, spacing, origin and
                               direction as <case>_0000.nii.gz
   subtype_results.csv         header exactly Names,Subtype; rows like quiz_037.nii.gz,0
-  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (softmax, aggregated over tiles, mirrors, folds)
+  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (softmax, averaged over mirrors and folds)
 
 modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
-and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only, the subtype from
-one more patch-sized pass centred on the largest predicted lesion (README: measured speed and accuracy).
+and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only (README: measured
+speed and accuracy). In every mode the subtype comes from one more patch-sized pass centred on the predicted lesion
+in the gland (--aggregation lesion_tile).
 Largest-component postprocessing follows the model's postprocessing.json unless overridden.
 A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
 and the exit status is 1 when any case failed.
@@ -40,8 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file name (default: checkpoint_final.pth, else best, else latest)")
     parser.add_argument("--fast", action="store_true", help="fast mode (see below)")
-    parser.add_argument("--aggregation", choices=["lesion_weighted", "mean"], default="lesion_weighted",
-                        help="how tile subtype logits become one per case (default lesion_weighted)")
+    parser.add_argument("--aggregation", choices=["lesion_tile", "lesion_weighted", "mean"], default="lesion_tile",
+                        help="where the case's subtype comes from: lesion_tile (default) = one more patch centred "
+                             "on the predicted lesion in the gland; lesion_weighted = tile logits weighted by their "
+                             "predicted lesion volume; mean = plain mean over tiles")
     parser.add_argument("--largest-component", choices=["auto", "yes", "no"], default="auto",
                         help="keep only the largest connected pancreas component; auto = as the model's "
                              "validation decided (postprocessing.json in the model folder)")

@@ -37,12 +37,12 @@ class PredictionMode:
     tile_step_size: float = 0.5
     single_pass_max_patches: float = 0.0  # crops up to this many patch volumes: one forward pass, no tiles
     channels_last: bool = False
-    aggregation: str = "lesion_weighted"
+    aggregation: str = "lesion_tile"
     classify: bool = True  # False: segmentation only (the head is not run; no subtype tables)
     largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
 
     @classmethod
-    def fast(cls, aggregation: str = "lesion_weighted", classify: bool = True,
+    def fast(cls, aggregation: str = "lesion_tile", classify: bool = True,
              largest_component: bool | None = None) -> PredictionMode:
         return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
                    classify=classify, largest_component=largest_component)
