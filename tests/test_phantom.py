@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from nnunet_mtl.cli import main
 from nnunet_mtl.cli import phantom as cli_phantom
 from nnunet_mtl.data import phantom
-from nnunet_mtl.data.phantom import generate_phantom_dataset, make_case, plan_cases
+from nnunet_mtl.data.phantom import SIZE_CLASSES, SIZE_SHARES, SUBTYPES, generate_phantom_dataset, make_case, plan_cases
 
 TRAIN, VAL, N_TEST = (6, 6, 6), (2, 2, 2), 6
 
@@ -178,6 +178,30 @@ def test_cases_do_not_change_with_counts() -> None:
     small = {(c["split"], c["subtype"], tuple(c["seed"])) for c in plan_cases("small", 2, (1, 1, 1), (1, 1, 1), 0)}
     large = {(c["split"], c["subtype"], tuple(c["seed"])) for c in plan_cases("small", 2, (3, 1, 2), (1, 2, 1), 5)}
     assert small <= large
+
+
+def test_size_classes_are_stratified_per_split_and_subtype() -> None:
+    cases = plan_cases("small", 0)
+    for split in ("train", "validation", "test"):
+        for k in SUBTYPES:
+            group = [c for c in cases if c["split"] == split and c["subtype"] == k]
+            for size_class, share in zip(SIZE_CLASSES, SIZE_SHARES):
+                count = sum(c["size_class"] == size_class for c in group)
+                assert abs(count - share * len(group)) <= 1, (split, k, size_class, count, len(group))
+    # each split as a whole holds its share of tiny lesions to within one case per subtype
+    train = [c for c in cases if c["split"] == "train"]
+    assert abs(sum(c["size_class"] == "tiny" for c in train) - 0.1 * len(train)) <= len(SUBTYPES)
+
+
+def test_make_case_draws_the_size_class_it_is_given() -> None:
+    radii = {}
+    for size_class in SIZE_CLASSES:
+        _, mask, facts = make_case([3, 0, 0, 1], 0, "small", size_class)
+        assert facts["size_class"] == size_class
+        radii[size_class] = facts["radius_mm"]
+    assert radii["tiny"] < radii["medium"] < radii["large"]
+    with pytest.raises(ValueError, match="size_class"):
+        make_case([3, 0, 0, 1], 0, "small", "huge")
 
 
 def test_full_preset_case_has_real_geometry() -> None:
