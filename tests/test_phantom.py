@@ -175,8 +175,10 @@ def test_dataset_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_cases_do_not_change_with_counts() -> None:
-    small = {(c["split"], c["subtype"], tuple(c["seed"])) for c in plan_cases("small", 2, (1, 1, 1), (1, 1, 1), 0)}
-    large = {(c["split"], c["subtype"], tuple(c["seed"])) for c in plan_cases("small", 2, (3, 1, 2), (1, 2, 1), 5)}
+    small = {(c["split"], c["subtype"], tuple(c["seed"]), c["size_class"])
+             for c in plan_cases("small", 2, (1, 1, 1), (1, 1, 1), 0)}
+    large = {(c["split"], c["subtype"], tuple(c["seed"]), c["size_class"])
+             for c in plan_cases("small", 2, (3, 1, 2), (1, 2, 1), 5)}
     assert small <= large
 
 

@@ -49,8 +49,14 @@ def test_lesion_centre_picks_the_lesion_in_the_gland_over_a_larger_one_outside()
     labels[5:8, 10:13, 10:13] = 2  # its lesion: 27 voxels
     labels[2:9, 28:35, 28:35] = 2  # a larger false lesion away from it: 343 voxels, the largest component
     assert lesion_centre(labels, 2).tolist() == [6, 11, 11]
-    labels[labels == 1] = 0  # no gland around either: the largest lesion
+    labels[labels == 1] = 0
+    labels[0:12, 0:3, 0:40] = 1  # the largest foreground component holds no lesion: the largest lesion anywhere
     assert lesion_centre(labels, 2).tolist() == [5, 31, 31]
+    gland = np.ones((8, 16, 8), np.uint8)
+    gland[1:4, 1:4, 1:4] = 2  # 27 voxels and 27 more touching them only corner to corner: one lesion of 54
+    gland[4:7, 4:7, 4:7] = 2  # voxels, as nnU-Net's largest-component postprocessing counts (26-connectivity)
+    gland[1:5, 9:15, 1:3] = 2  # 48 voxels: the largest under 6-connectivity
+    assert lesion_centre(gland, 2).tolist() == [4, 4, 4]
     assert lesion_centre(np.ones((4, 4, 4), np.uint8), 2) is None
 
 

@@ -585,7 +585,8 @@ def _size_class(seed: Sequence[int]) -> str:
     """
     *group, index = seed
     shares = np.array(SIZE_SHARES)
-    credit = np.random.default_rng([*group, 4]).random(len(shares)) * 0.5
+    # index MAX_CASES: a key no case seed has (a case's own stream must not double as its group's head start)
+    credit = np.random.default_rng([*group, MAX_CASES]).random(len(shares)) * 0.5
     counts = np.zeros(len(shares))
     for i in range(int(index) + 1):
         chosen = int(np.argmax(shares * (i + 1) + credit - counts))

@@ -43,10 +43,11 @@ def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
     lesion = labels == lesion_label
     if not lesion.any():
         return None
-    foreground, _ = ndimage.label(labels > 0)
+    touching = np.ones((3,) * labels.ndim, bool)  # 26-connectivity, as nnU-Net's largest-component postprocessing
+    foreground, _ = ndimage.label(labels > 0, touching)
     largest_foreground = np.argmax(np.bincount(foreground.ravel())[1:]) + 1
     in_gland = lesion & (foreground == largest_foreground)
-    components, _ = ndimage.label(in_gland if in_gland.any() else lesion)
+    components, _ = ndimage.label(in_gland if in_gland.any() else lesion, touching)
     largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
     return np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
 
