@@ -43,6 +43,14 @@ def test_lesion_weighted_aggregation_follows_the_lesion_tiles():
                        aggregate_subtype_logits(no_lesion, "mean"))
 
 
+def test_folds_count_equally_whatever_their_number_of_records():
+    lesion_patch = TileRecord(torch.tensor([0.0, 0.0, 4.0]), 30.0, fold=0)  # a fold that found the lesion
+    no_lesion = [TileRecord(torch.tensor([2.0, 0.0, 0.0]), 0.0, fold=1) for _ in range(5)]  # one that did not
+    expected = softmax((np.array([0.0, 0.0, 4.0]) + np.array([2.0, 0.0, 0.0])) / 2)
+    for method in ("lesion_tile", "lesion_weighted"):
+        assert np.allclose(aggregate_subtype_logits([lesion_patch, *no_lesion], method), expected)
+
+
 def test_lesion_centre_picks_the_lesion_in_the_gland_over_a_larger_one_outside():
     labels = np.zeros((12, 40, 40), np.uint8)
     labels[3:9, 5:20, 5:20] = 1  # the gland
@@ -146,6 +154,10 @@ def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_mod
     predictor.predict_with_current_weights(torch.zeros(1, *(patch * [1, 2, 2])))  # no lesion: the single pass
     (record,) = predictor.tile_records
     assert record.logits.tolist() == (patch * [1, 2, 2]).tolist()
+    predictor.aggregation = "lesion_weighted"  # a single pass takes the lesion patch whatever the aggregation
+    predictor.predict_with_current_weights(image)
+    (record,) = predictor.tile_records
+    assert record.logits.tolist() == patch.tolist()
 
 
 def test_tiled_prediction_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--aggregation", choices=["lesion_tile", "lesion_weighted", "mean"], default="lesion_tile",
                         help="where the case's subtype comes from: lesion_tile (default) = one more patch centred "
                              "on the predicted lesion in the gland; lesion_weighted = tile logits weighted by their "
-                             "predicted lesion volume; mean = plain mean over tiles")
+                             "predicted lesion volume; mean = plain mean over tiles (a fast-mode single pass uses "
+                             "the lesion patch with any choice); folds count equally")
     parser.add_argument("--largest-component", choices=["auto", "yes", "no"], default="auto",
                         help="keep only the largest connected pancreas component; auto = as the model's "
                              "validation decided (postprocessing.json in the model folder)")

@@ -580,7 +580,7 @@ def _size_class(seed: Sequence[int]) -> str:
     atypical) while its 36 test cases held 5: the test set then scored, for one case in seven, what training had
     barely shown. A real split is stratified. Here the group's indices are dealt out in turn to the class furthest
     behind its share (from a seeded head start of up to half a case), so the first n cases of any group hold
-    ``SIZE_SHARES`` to within one case (measured: at most 0.92 off, 2700 groups of up to 40 cases), and a case's
+    ``SIZE_SHARES`` to within one case (measured: at most 0.92 off, 900 groups of up to 40 cases), and a case's
     class depends on its own seed only: changing the counts changes no other case.
     """
     *group, index = seed

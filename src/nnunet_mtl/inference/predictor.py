@@ -56,28 +56,33 @@ def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
 class TileRecord:
     logits: torch.Tensor  # (num_subtypes,) mean over mirror passes
     lesion_voxels: float  # voxels of the tile predicted lesion
+    fold: int = 0  # which parameter set (fold) of an ensemble predicted it
 
 
 def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_weighted") -> np.ndarray:
     """Case-level subtype probabilities from per-tile logits.
 
-    ``mean`` averages logits over all tiles; ``lesion_weighted`` weights each tile by its predicted lesion volume so
-    tiles that show the lesion decide, falling back to the plain mean when no tile shows any lesion. ``lesion_tile``
-    weights the same way; its records are, per fold, the one patch centred on the lesion (see
-    :meth:`MultiTaskPredictor._classify_on_lesion_tile`), or the tiles where no lesion was predicted.
+    Per fold, ``mean`` averages logits over the tiles; ``lesion_weighted`` weights each tile by its predicted lesion
+    volume so tiles that show the lesion decide, falling back to the plain mean when no tile shows any lesion.
+    ``lesion_tile`` weights the same way; its record is the one patch centred on the lesion (see
+    :meth:`MultiTaskPredictor._classify_on_lesion_tile`), or the tiles where no lesion was predicted. Folds then
+    count equally, as in nnU-Net's ensemble of the segmentation logits.
     """
     if not records:
         raise ValueError("no tiles were predicted")
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
-    logits = torch.stack([r.logits.float() for r in records])
-    weights = torch.ones(len(records))
-    if method != "mean":
-        lesion = torch.tensor([r.lesion_voxels for r in records], dtype=torch.float32)
-        if lesion.sum() >= 1.0:  # at least one voxel of lesion somewhere
-            weights = lesion
-    mean_logits = (logits * weights[:, None]).sum(0) / weights.sum()
-    return torch.softmax(mean_logits, dim=0).numpy()
+    per_fold = []
+    for fold in sorted({r.fold for r in records}):
+        fold_records = [r for r in records if r.fold == fold]
+        logits = torch.stack([r.logits.float() for r in fold_records])
+        weights = torch.ones(len(fold_records))
+        if method != "mean":
+            lesion = torch.tensor([r.lesion_voxels for r in fold_records], dtype=torch.float32)
+            if lesion.sum() >= 1.0:  # at least one voxel of lesion somewhere
+                weights = lesion
+        per_fold.append((logits * weights[:, None]).sum(0) / weights.sum())
+    return torch.softmax(torch.stack(per_fold).mean(0), dim=0).numpy()
 
 
 class MultiTaskPredictor(nnUNetPredictor):
@@ -93,6 +98,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.lesion_label = lesion_label
         self.channels_last = channels_last
         self.tile_records: list[TileRecord] = []
+        self.fold_index = 0  # parameter set being predicted: nnU-Net calls the sliding window once per fold
         self.last_subtype_probabilities: np.ndarray | None = None
 
     @torch.inference_mode()
@@ -126,12 +132,12 @@ class MultiTaskPredictor(nnUNetPredictor):
         if self.aggregation != "mean" and self.lesion_label < segmentation.shape[1]:
             lesion = float((segmentation.argmax(1) == self.lesion_label).sum())
         for logits in subtype_logits.float().cpu():  # batch of one tile in practice
-            self.tile_records.append(TileRecord(logits, lesion))
+            self.tile_records.append(TileRecord(logits, lesion, self.fold_index))
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's fold loop, bracketed by resetting and aggregating the subtype record of this case."""
-        self.tile_records = []
+        self.tile_records, self.fold_index = [], 0
         logits = super().predict_logits_from_preprocessed_data(data)
         self.last_subtype_probabilities = aggregate_subtype_logits(self.tile_records, self.aggregation) \
             if self.tile_records else None
@@ -140,25 +146,30 @@ class MultiTaskPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def predict_with_current_weights(self, data: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """One case with the network as it is (no fold loop): used by the trainer's case-level validation."""
-        self.tile_records = []
+        self.tile_records, self.fold_index = [], 0
         logits = self.predict_sliding_window_return_logits(data)
         return logits, aggregate_subtype_logits(self.tile_records, self.aggregation)
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's sliding window (or our single pass), then, with ``lesion_tile``, the subtype of the lesion."""
+        """nnU-Net's sliding window (or our single pass) for one fold, then the subtype of the lesion.
+
+        The lesion-centred patch decides with ``lesion_tile``, and after a single pass whatever the aggregation:
+        over a whole crop the head drifts (see :meth:`_classify_on_lesion_tile`)."""
         first_record = len(self.tile_records)
         patch_voxels = float(np.prod(self.configuration_manager.patch_size))
         too_big = np.prod(input_image.shape[1:]) > self.single_pass_max_patches * patch_voxels
         # On CUDA every new crop shape makes cuDNN tune its kernels again (measured on an H200: fast mode with a
         # single pass per crop took 4.06 s per case against 3.73 for tiling); tiles keep one shape.
-        if too_big or self.device.type == "cuda":
-            logits = super().predict_sliding_window_return_logits(input_image)
-        else:
+        single_pass = not (too_big or self.device.type == "cuda")
+        if single_pass:
             logits = self._predict_single_pass(input_image)
-        if self.aggregation == "lesion_tile" and len(self.tile_records) > first_record \
+        else:
+            logits = super().predict_sliding_window_return_logits(input_image)
+        if (self.aggregation == "lesion_tile" or single_pass) and len(self.tile_records) > first_record \
                 and self.lesion_label < logits.shape[0]:
             self._classify_on_lesion_tile(input_image, logits, first_record)
+        self.fold_index += 1
         return logits
 
     def _predict_single_pass(self, image: torch.Tensor) -> torch.Tensor:
