@@ -399,7 +399,7 @@ def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class
                  enh: Callable[[float], float]) -> dict[str, Any]:
     """Paint the lesion (label 2, overriding everything) at ``t_lesion`` along the pancreas centre line."""
     atypical = bool(rng.random() < ATYPICAL_FRACTION)
-    drawn_class = str(rng.choice(SIZE_CLASSES, p=SIZE_SHARES))  # drawn either way: the rest of the case stays put
+    drawn_class = str(rng.choice(SIZE_CLASSES, p=SIZE_SHARES))  # drawn either way: the anatomy drawn so far stays
     size_class = drawn_class if size_class is None else size_class
     median = {0: 12.0, 1: 13.0, 2: 9.0}[subtype]
     r_eq = {"tiny": rng.uniform(2.5, 4.5), "medium": float(np.clip(median * rng.lognormal(0, 0.35), 5, 20)),
@@ -580,8 +580,9 @@ def _size_class(seed: Sequence[int]) -> str:
     atypical) while its 36 test cases held 5: the test set then scored, for one case in seven, what training had
     barely shown. A real split is stratified. Here the group's indices are dealt out in turn to the class furthest
     behind its share (from a seeded head start of up to half a case), so the first n cases of any group hold
-    ``SIZE_SHARES`` to within one case (measured: at most 0.92 off, 900 groups of up to 40 cases), and a case's
-    class depends on its own seed only: changing the counts changes no other case.
+    ``SIZE_SHARES`` to within one case (measured: at most 0.92 off, 900 groups of up to 40 cases; so a group's
+    first case is always medium), and a case's class depends on its own seed only: changing the counts changes no
+    other case.
     """
     *group, index = seed
     shares = np.array(SIZE_SHARES)

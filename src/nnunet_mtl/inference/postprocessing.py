@@ -3,8 +3,9 @@
 nnU-Net decides its connected-component postprocessing on the validation predictions; we do the same with the
 task's own numbers (whole-pancreas Dice and lesion Dice) and store the decision as JSON in the model folder, where
 the predictor finds it. The pancreas is one organ and the lesion lies in it, so a foreground blob away from the
-largest one is a false positive (a vessel or bowel loop); the predictor's subtype already ignores lesions outside
-that component (``predictor.lesion_centre``). The connected-component work itself is nnU-Net's function.
+largest one is a false positive (a vessel or bowel loop); the predictor's subtype already looks at the lesion inside
+that component when there is one (``predictor.lesion_centre``). The connected-component work itself is nnU-Net's
+function.
 """
 
 from __future__ import annotations
