@@ -158,6 +158,11 @@ def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_mod
     predictor.predict_with_current_weights(image)
     (record,) = predictor.tile_records
     assert record.logits.tolist() == patch.tolist()
+    thin = image[:, 1:-1]  # a crop thinner than the patch: the lesion's tile is padded up to the patch
+    logits, _ = predictor.predict_with_current_weights(thin)
+    (record,) = predictor.tile_records
+    assert record.logits.tolist() == patch.tolist() and record.lesion_voxels == 2 * 4 * 4
+    assert tuple(logits.shape[1:]) == tuple(thin.shape[1:])
 
 
 def test_tiled_prediction_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):

@@ -52,6 +52,17 @@ def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
     return np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
 
 
+def _pad_centred(x: torch.Tensor, target: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Zero-pad the spatial axes of ``x`` (C, *spatial) up to ``target``, half before and the rest after as nnU-Net's
+    ``pad_nd_image`` does; returns the padded tensor and the padding before each axis."""
+    missing = np.maximum(np.asarray(target) - np.array(x.shape[1:]), 0)
+    before = missing // 2
+    pad = []
+    for b, total in zip(before[::-1], missing[::-1]):
+        pad += [int(b), int(total - b)]
+    return F.pad(x, pad), before
+
+
 @dataclass
 class TileRecord:
     logits: torch.Tensor  # (num_subtypes,) mean over mirror passes
@@ -178,12 +189,8 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.network.eval()
         stride = np.prod(np.array(self.configuration_manager.pool_op_kernel_sizes), axis=0)
         shape = np.array(image.shape[1:])
-        padded = (np.ceil(shape / stride) * stride).astype(int)
-        before = (padded - shape) // 2
-        pad = []
-        for b, total in zip(before[::-1], (padded - shape)[::-1]):
-            pad += [int(b), int(total - b)]
-        x = F.pad(image, pad)[None].to(self.device)
+        padded, before = _pad_centred(image, (np.ceil(shape / stride) * stride).astype(int))
+        x = padded[None].to(self.device)
         with self._autocast():
             logits = self._internal_maybe_mirror_and_predict(x)[0]
         crop = tuple(slice(int(b), int(b + s)) for b, s in zip(before, shape))
@@ -208,11 +215,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         shape = np.array(image.shape[1:])
         start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
         tile = image[(slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))]
-        missing = np.maximum(patch - np.array(tile.shape[1:]), 0)  # crop smaller than the patch: pad as nnU-Net
-        pad = []
-        for total in missing[::-1]:
-            pad += [int(total // 2), int(total - total // 2)]
-        tile = F.pad(tile, pad)[None].to(self.device)
+        tile = _pad_centred(tile, patch)[0][None].to(self.device)  # a crop smaller than the patch
         del self.tile_records[first_record:]
         with self._autocast():
             self._internal_maybe_mirror_and_predict(tile)
