@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
 from scipy import ndimage
@@ -50,17 +50,6 @@ def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
     components, _ = ndimage.label(in_gland if in_gland.any() else lesion, touching)
     largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
     return np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
-
-
-def _pad_centred(x: torch.Tensor, target: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Zero-pad the spatial axes of ``x`` (C, *spatial) up to ``target``, half before and the rest after as nnU-Net's
-    ``pad_nd_image`` does; returns the padded tensor and the padding before each axis."""
-    missing = np.maximum(np.asarray(target) - np.array(x.shape[1:]), 0)
-    before = missing // 2
-    pad = []
-    for b, total in zip(before[::-1], missing[::-1]):
-        pad += [int(b), int(total - b)]
-    return F.pad(x, pad), before
 
 
 @dataclass
@@ -184,17 +173,15 @@ class MultiTaskPredictor(nnUNetPredictor):
         return logits
 
     def _predict_single_pass(self, image: torch.Tensor) -> torch.Tensor:
-        """The whole crop in one forward pass, zero-padded (as nnU-Net pads) only up to a multiple of the stride."""
+        """The whole crop in one forward pass, zero-padded (nnU-Net's padder) only up to a multiple of the stride."""
         self.network = self.network.to(self.device)
         self.network.eval()
         stride = np.prod(np.array(self.configuration_manager.pool_op_kernel_sizes), axis=0)
-        shape = np.array(image.shape[1:])
-        padded, before = _pad_centred(image, (np.ceil(shape / stride) * stride).astype(int))
-        x = padded[None].to(self.device)
+        padded, revert = pad_nd_image(image, shape_must_be_divisible_by=[int(s) for s in stride],
+                                      return_slicer=True)
         with self._autocast():
-            logits = self._internal_maybe_mirror_and_predict(x)[0]
-        crop = tuple(slice(int(b), int(b + s)) for b, s in zip(before, shape))
-        return logits[(slice(None), *crop)].float().to("cpu")
+            logits = self._internal_maybe_mirror_and_predict(padded[None].to(self.device))[0]
+        return logits[(slice(None), *revert[1:])].float().to("cpu")
 
     def _autocast(self):
         return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -215,7 +202,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         shape = np.array(image.shape[1:])
         start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
         tile = image[(slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))]
-        tile = _pad_centred(tile, patch)[0][None].to(self.device)  # a crop smaller than the patch
+        tile = pad_nd_image(tile, [int(p) for p in patch])[None].to(self.device)  # a crop smaller than the patch
         del self.tile_records[first_record:]
         with self._autocast():
             self._internal_maybe_mirror_and_predict(tile)
