@@ -16,7 +16,7 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_compile", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_CT = REPO.parent / "shared" / "data" / "real-ct"
+REAL_CT = REPO / "tests" / "data" / "real-ct"  # a real abdominal CT (TotalSegmentator, Apache-2.0)
 TINY_DATASET_ID = 990
 TINY_PLANS = "nnUNetPlans_MTLtiny"
 

@@ -20,7 +20,7 @@ from nnunet_mtl.data import importer
 SHAPE = (8, 16, 16)  # z, y, x
 SPACING = (0.75, 0.75, 2.0)  # x, y, z as SimpleITK orders it
 ORIGIN = (10.0, -20.0, 30.0)
-REAL_CT = Path(__file__).resolve().parents[1].parent / "shared/data/real-ct"
+REAL_CT = Path(__file__).resolve().parent / "data" / "real-ct"  # TotalSegmentator test files, Apache-2.0
 DATASET = "Dataset007_Pancreas"
 
 
@@ -415,7 +415,6 @@ def test_generic_without_split_column_uses_first_fold(tmp_path: Path) -> None:
 
 def test_real_ct_keeps_geometry_and_voxels(tmp_path: Path, import_work: Path, capsys: pytest.CaptureFixture) -> None:
     """A real CT through the generic layout: the imported pair must be the original grid and voxels exactly."""
-    assert REAL_CT.is_dir(), f"the real CT for end-to-end checks belongs at {REAL_CT} (shared/ beside the clone)"
     ct = read(REAL_CT / "example_ct.nii.gz")
     seg = read(REAL_CT / "example_seg.nii.gz")
     pancreas = (sitk.GetArrayFromImage(seg) == 10).astype(np.uint8)

@@ -93,7 +93,6 @@ def test_predict_keeps_geometry_and_writes_the_task_format(tiny_model, tiny_data
     rotation = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # axes permuted: not identity, still orthonormal
     write_image(images / "quiz_901_0000.nii.gz", array, (0.83, 1.17, 2.6), (-120.5, 33.25, 7.0), rotation)
     shutil.copy(source, images / "quiz_902_0000.nii.gz")
-    assert REAL_CT.is_dir(), f"the real CT for end-to-end checks belongs at {REAL_CT} (shared/ beside the clone)"
     shutil.copy(REAL_CT / "example_ct.nii.gz", images / "quiz_903_0000.nii.gz")  # a real abdominal CT, 3 mm
     out = tmp_path / "out"
     report = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
