@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,14 @@ def test_bf16_step_with_a_non_finite_gradient_is_skipped(tiny_env, monkeypatch):
     assert not torch.equal(before["encoder.stages.0.0.convs.0.conv.weight"], weight.detach())
 
 
-def test_resume_restores_epoch_optimizer_and_logger(tiny_env, monkeypatch):
+@pytest.fixture()
+def fold_1_removed_afterwards(tiny_env):
+    """Fold 1 lands in the tiny model's folder; predictors that load every fold must not find it afterwards."""
+    yield
+    shutil.rmtree(build_trainer(TINY_DATASET_ID, TINY_PLANS, 1, "cpu").output_folder, ignore_errors=True)
+
+
+def test_resume_restores_epoch_optimizer_and_logger(tiny_env, fold_1_removed_afterwards, monkeypatch):
     """Interrupt in the third epoch; resuming continues after the last finished epoch with its state."""
     from nnunet_mtl.training.trainer import nnUNetTrainerMTL
 
