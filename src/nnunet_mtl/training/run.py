@@ -75,7 +75,7 @@ def build_trainer(dataset: str | int, plans: str = "default", fold: int | str = 
 
 
 def apply_settings(trainer, settings: TrainSettings) -> None:
-    from nnunet_mtl.training.trainer import ADAMW_DEFAULT_LR
+    from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR
 
     if settings.optimizer == "adamw" and settings.initial_lr is None:
         trainer.initial_lr = ADAMW_DEFAULT_LR  # nnU-Net's 0.01 is an SGD rate

@@ -1,18 +1,17 @@
 """The multi-task trainer: nnU-Net's trainer with a subtype loss, case-level validation and safe checkpoints.
 
-Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer` (and why):
+Split by concern: :mod:`~nnunet_mtl.training.optim` (optimizer and schedule), :mod:`~nnunet_mtl.training.checkpoints`
+(``save_checkpoint`` / ``load_checkpoint``), :mod:`~nnunet_mtl.training.validation` (case-level validation and
+``perform_actual_validation``); this module holds the class and the training loop.
+
+Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer` here (and why):
 
 - ``__init__``: same signature (nnU-Net records it through ``locals()``); multi-task settings are attributes, and
   the extra metric keys are registered with nnU-Net's local logger, which accepts only known keys.
 - ``build_network_architecture``: nnU-Net builds our network from the plans; its own inference code builds it
   without deep supervision and expects one tensor, so such a network answers segmentation only.
-- ``configure_optimizers``: nnU-Net's SGD and poly schedule, with the head in its own parameter group at
-  ``head_lr_scale`` (0.1) x the learning rate: with momentum 0.99 nnU-Net's rate suits normalised convolutions
-  and makes a small MLP head oscillate around chance (measured: the head's loss stayed at ln 3 for 500 iterations).
-  ``optimizer = "adamw"`` (opt-in, the demo's choice): AdamW at 2e-3 under the same poly schedule. For a run of
-  ~1200 iterations it converged far faster than SGD on the phantom (test whole-pancreas Dice 0.919 against 0.870,
-  lesion Dice 0.616 against 0.559, same data, augmentation and epochs); nnU-Net's SGD stays the default for its
-  1000-epoch protocol.
+- ``configure_optimizers``: nnU-Net's SGD and poly schedule (or AdamW), the head in its own parameter group at
+  ``head_lr_scale`` x the rate (:mod:`~nnunet_mtl.training.optim` says why).
 - ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``: nnU-Net's, optionally without mirroring and
   with a smaller rotation range. CT crops come in one patient orientation, so left-right mirrored anatomy is
   never seen at prediction; a short run should not spend capacity on it (demo only; default unchanged).
@@ -27,11 +26,6 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``run_training``: the same loop with a progress bar.
 - ``on_epoch_end``: best checkpoint by a combined score instead of segmentation pseudo-Dice alone; a checkpoint
   every epoch (atomic) so an interrupted run loses nothing; curves as JSON and PNG.
-- ``save_checkpoint`` / ``load_checkpoint``: atomic writes, plain-Python contents so that
-  ``torch.load(weights_only=True)`` reads them; 2.8.1's ``load_checkpoint`` cannot take a dict.
-- ``perform_actual_validation``: nnU-Net's hard-codes the stock predictor (one output); ours predicts masks and
-  subtypes of the validation fold, exports them in the original geometry, decides the largest-component
-  postprocessing on them (as nnU-Net does after validation) and scores them as the task defines.
 """
 
 from __future__ import annotations
@@ -45,35 +39,28 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context, empty_cache
-from sklearn.metrics import accuracy_score, f1_score
+from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
-from nnunet_mtl.evaluation.metrics import dice
-from nnunet_mtl.inference import postprocessing
-from nnunet_mtl.inference.outputs import write_subtype_tables
-from nnunet_mtl.inference.predict import PredictionMode
-from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
+from nnunet_mtl.training.checkpoints import CheckpointMixin, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
+from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR, OPTIMIZERS, build_optimizer
+from nnunet_mtl.training.validation import CaseValidationMixin, combined_score
 
 EXTRA_LOG_KEYS = ("train_seg_losses", "train_cls_losses", "val_seg_losses", "val_cls_losses",
                   "val_cls_accuracy", "val_cls_macro_f1", "val_case_pancreas_dice", "val_case_lesion_dice",
                   "combined_score", "ema_combined_score")
 FREEZABLE_PARTS = ("encoder", "decoder", "head")
-OPTIMIZERS = ("sgd", "adamw")
-ADAMW_DEFAULT_LR = 2e-3
 LESION_LABEL = 2
+__all__ = ["ADAMW_DEFAULT_LR", "OPTIMIZERS", "nnUNetTrainerMTL", "cpu_has_fast_bf16"]
 COMBINED_EMA = 0.8  # weight of the previous value; short runs need a faster average than nnU-Net's 0.9
 
 
@@ -83,35 +70,9 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def combined_score(pancreas_dice: float, lesion_dice: float, macro_f1: float) -> float:
-    """Checkpoint selection: half segmentation (mean of the two Dice), half classification (macro-F1)."""
-    return 0.5 * (pancreas_dice + lesion_dice) / 2 + 0.5 * macro_f1
+class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
+    extra_log_keys = EXTRA_LOG_KEYS
 
-
-def _plain(value):
-    """numpy scalars and arrays to Python numbers, so checkpoints load with weights_only=True."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-class ScaledPolyLRScheduler(PolyLRScheduler):
-    """nnU-Net's poly schedule; replaces its step, which sets one rate for all groups, to honour ``lr_scale``."""
-
-    def step(self, current_step=None):
-        super().step(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] *= group.get("lr_scale", 1.0)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-class nnUNetTrainerMTL(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature, kept exactly)
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -190,18 +151,11 @@ class nnUNetTrainerMTL(nnUNetTrainer):
                                f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}")
 
     def configure_optimizers(self):
-        head_ids = {id(p) for p in self.model.classifier.parameters()}
+        head = list(self.model.classifier.parameters())
+        head_ids = {id(p) for p in head}
         body = [p for p in self.network.parameters() if id(p) not in head_ids]
-        groups = [{"params": body, "lr_scale": 1.0},
-                  {"params": list(self.model.classifier.parameters()), "lr_scale": self.head_lr_scale}]
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                        nesterov=True)
-        elif self.optimizer_name == "adamw":
-            optimizer = torch.optim.AdamW(groups, self.initial_lr, weight_decay=self.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; choose from {OPTIMIZERS}")
-        return optimizer, ScaledPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return build_optimizer(body, head, self.optimizer_name, self.initial_lr, self.weight_decay,
+                               self.head_lr_scale, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's choice, then our two demo options: no mirroring, a narrower rotation range."""
@@ -390,57 +344,6 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         ema = score if not history else COMBINED_EMA * history[-1] + (1 - COMBINED_EMA) * score
         self.logger.log("ema_combined_score", ema, self.current_epoch)
 
-    def _predictor(self, fast: bool) -> MultiTaskPredictor:
-        """Default: nnU-Net's settings (step 0.5, mirroring); fast: the predictor's fast mode."""
-        mode = PredictionMode.fast() if fast else PredictionMode()
-        predictor = MultiTaskPredictor(tile_step_size=mode.tile_step_size, use_gaussian=True,
-                                       use_mirroring=mode.use_mirroring,
-                                       single_pass_max_patches=mode.single_pass_max_patches,
-                                       aggregation=mode.aggregation,
-                                       perform_everything_on_device=self.device.type == "cuda",
-                                       device=self.device, verbose=False, allow_tqdm=False)
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
-                                        self.dataset_json, self.__class__.__name__,
-                                        self.inference_allowed_mirroring_axes)
-        return predictor
-
-    @torch.no_grad()
-    def case_level_validation(self) -> dict[str, float]:
-        """Whole validation cases in fast mode: subtype and Dice per case.
-
-        Patch-level numbers flatter the classifier (a random patch may show no lesion); these are what the task
-        measures. Dice is computed on the preprocessed grid, which is enough to rank epochs.
-        """
-        _, val_keys = self.do_split()
-        if self.is_ddp:
-            val_keys = val_keys[self.local_rank::dist.get_world_size()]
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
-                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
-        predictor = self._predictor(fast=True)
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
-        rows = []
-        try:
-            for key in dataset.identifiers:
-                data, seg, _, _ = dataset.load_case(key)
-                logits, probabilities = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                predicted = logits.float().argmax(0).numpy()
-                truth = np.asarray(seg)[0]
-                rows.append((self.case_subtypes[key], int(np.argmax(probabilities)),
-                             dice(predicted > 0, truth > 0), dice(predicted == LESION_LABEL, truth == LESION_LABEL)))
-        finally:
-            self.set_deep_supervision_enabled(True)
-            self.network.train()
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = [r for g in gathered for r in g]
-        truth, predicted, pancreas, lesion = (list(c) for c in zip(*rows))
-        return {"val_cls_accuracy": float(accuracy_score(truth, predicted)),
-                "val_cls_macro_f1": float(f1_score(truth, predicted, average="macro",
-                                                   labels=list(range(len(self.subtype_names))), zero_division=0)),
-                "val_case_pancreas_dice": float(np.mean(pancreas)), "val_case_lesion_dice": float(np.mean(lesion))}
-
     def on_epoch_end(self) -> None:
         """nnU-Net's epoch end, with the best checkpoint chosen by the EMA of the combined score."""
         epoch = self.current_epoch
@@ -474,7 +377,7 @@ class nnUNetTrainerMTL(nnUNetTrainer):
         """Every logged value per epoch as JSON (the report reads it) and a classification progress PNG."""
         from nnunet_mtl.training.curves import plot_classification_progress
 
-        curves = _plain(self.logger.get_checkpoint())
+        curves = to_plain(self.logger.get_checkpoint())
         (Path(self.output_folder) / "training_curves.json").write_text(json.dumps(curves))
         plot_classification_progress(curves, Path(self.output_folder) / "progress_classification.png")
 
@@ -500,97 +403,3 @@ class nnUNetTrainerMTL(nnUNetTrainer):
                 self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
         self.on_train_end()
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0 or self.disable_checkpointing:
-            return
-        checkpoint = {
-            "network_weights": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": _plain(self.logger.get_checkpoint()),
-            "_best_ema": _plain(self._best_ema),
-            "_best_combined": _plain(self._best_combined),
-            "current_epoch": self.current_epoch + 1,
-            "init_args": {k: v for k, v in self.my_init_kwargs.items()},
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": _plain(self.inference_allowed_mirroring_axes),
-            "optimizer_name": self.optimizer_name,
-        }
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        checkpoint = filename_or_checkpoint
-        if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        self.model.load_state_dict(weights)
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.current_epoch = checkpoint["current_epoch"]
-        logging = checkpoint["logging"]
-        for key in EXTRA_LOG_KEYS:  # checkpoints of older runs may lack a key; nnU-Net's logger needs them all
-            logging.setdefault(key, [])
-        self.logger.load_checkpoint(logging)
-        self._best_ema = checkpoint["_best_ema"]
-        self._best_combined = checkpoint.get("_best_combined")
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
-        if self.inference_allowed_mirroring_axes is not None:
-            self.inference_allowed_mirroring_axes = tuple(self.inference_allowed_mirroring_axes)
-        saved_optimizer = checkpoint.get("optimizer_name", "sgd")
-        if saved_optimizer != self.optimizer_name:
-            raise ValueError(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'}"
-                             f" was trained with optimizer {saved_optimizer!r}; resume it with --optimizer "
-                             f"{saved_optimizer}, not {self.optimizer_name!r}")
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-
-    # -------------------------------------------------------------------------------------- final validation
-    def perform_actual_validation(self, save_probabilities: bool = False) -> dict | None:
-        """Predict the validation fold (masks in original geometry + subtypes) and score it as the task does."""
-        from nnunet_mtl.evaluation.evaluate import evaluate_folder, headline
-
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
-        predictor = self._predictor(fast=self.final_validation_fast)
-        out = Path(self.output_folder) / "validation"
-        out.mkdir(parents=True, exist_ok=True)
-        _, val_keys = self.do_split()
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
-                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
-        probabilities = {}
-        with torch.no_grad():
-            for key in dataset.identifiers:
-                data, _, _, properties = dataset.load_case(key)
-                logits, probabilities[key] = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                tmp = out / f".{key}.tmp"
-                export_prediction_from_logits(logits.float().cpu(), properties, self.configuration_manager,
-                                              self.plans_manager, self.dataset_json, str(tmp), save_probabilities)
-                os.replace(out / f".{key}.tmp{self.dataset_json['file_ending']}",
-                           out / f"{key}{self.dataset_json['file_ending']}")
-        write_subtype_tables(out, probabilities)
-        self.set_deep_supervision_enabled(True)
-        empty_cache(self.device)
-        if self.local_rank != 0:
-            return None
-        truth = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
-        decision = postprocessing.determine(out, truth, list(dataset.identifiers))
-        postprocessing.write_decision(Path(self.output_folder_base), decision)
-        self.print_to_log_file(f"largest-component postprocessing: {decision}")
-        if decision["keep_largest_component"]:
-            postprocessing.apply_to_folder(out, list(dataset.identifiers))
-        raw_dataset = Path(str(nnUNet_raw)) / self.plans_manager.dataset_name if nnUNet_raw.is_set() else None
-        if raw_dataset is None or not raw_dataset.is_dir():
-            self.print_to_log_file("raw dataset not found: validation predictions written, not scored")
-            return None
-        metrics = evaluate_folder(out, raw_dataset, fold=self.fold, out_dir=out)
-        self.print_to_log_file("Validation (case level):", json.dumps(headline(metrics)),
-                               also_print_to_console=True)
-        return metrics
-

@@ -1,0 +1,86 @@
+"""Checkpoints of the multi-task trainer: atomic, and readable with ``torch.load(..., weights_only=True)``.
+
+Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer` (mixed into
+:class:`~nnunet_mtl.training.trainer.nnUNetTrainerMTL`):
+
+- ``save_checkpoint``: nnU-Net's content plus the combined-score state and the optimizer's name, converted to plain
+  Python values (numpy scalars would need ``weights_only=False``), written to a temporary name and renamed, so an
+  interrupted write never leaves a broken checkpoint.
+- ``load_checkpoint``: 2.8.1's cannot take a dict and expects nnU-Net's keys only; ours restores our keys too,
+  tolerates older checkpoints lacking a logger key, and refuses to resume with another optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def to_plain(value):
+    """numpy scalars and arrays to Python numbers, so checkpoints load with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class CheckpointMixin:
+    """save_checkpoint / load_checkpoint for nnUNetTrainerMTL (see the module docstring)."""
+
+    extra_log_keys: tuple[str, ...] = ()
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        checkpoint = {
+            "network_weights": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": to_plain(self.logger.get_checkpoint()),
+            "_best_ema": to_plain(self._best_ema),
+            "_best_combined": to_plain(self._best_combined),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": {k: v for k, v in self.my_init_kwargs.items()},
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": to_plain(self.inference_allowed_mirroring_axes),
+            "optimizer_name": self.optimizer_name,
+        }
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
+        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
+        self.model.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        logging = checkpoint["logging"]
+        for key in self.extra_log_keys:  # checkpoints of older runs may lack a key; nnU-Net's logger needs them all
+            logging.setdefault(key, [])
+        self.logger.load_checkpoint(logging)
+        self._best_ema = checkpoint["_best_ema"]
+        self._best_combined = checkpoint.get("_best_combined")
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        if self.inference_allowed_mirroring_axes is not None:
+            self.inference_allowed_mirroring_axes = tuple(self.inference_allowed_mirroring_axes)
+        saved_optimizer = checkpoint.get("optimizer_name", "sgd")
+        if saved_optimizer != self.optimizer_name:
+            raise ValueError(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'}"
+                             f" was trained with optimizer {saved_optimizer!r}; resume it with --optimizer "
+                             f"{saved_optimizer}, not {self.optimizer_name!r}")
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
