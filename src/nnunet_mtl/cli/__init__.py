@@ -29,13 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nnunet-mtl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"nnunet_mtl.cli.{name}")
-        except ModuleNotFoundError as e:  # a command still under construction must not break the others
-            if e.name == f"nnunet_mtl.cli.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        # No command is dropped silently: a module that fails to import stops the CLI with that module's error
+        # (a --help that quietly lost a command would tell the user the command does not exist).
+        importlib.import_module(f"nnunet_mtl.cli.{name}").register(subparsers)
     return parser
 
 
