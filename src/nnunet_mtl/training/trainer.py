@@ -265,13 +265,13 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
     def _subtype_loss(self, logits: torch.Tensor, subtype: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Subtype CE, a weighted mean as nn.CrossEntropyLoss computes it; optionally over the patches that show
         lesion only: a patch without it carries no evidence of the subtype (public attempts' lesson)."""
-        per_sample = self.classification_loss(logits, subtype)  # reduction="none"
+        per_sample = self.classification_loss(logits, subtype)  # reduction="none": w[subtype] x CE already
         weight = self.classification_loss.weight[subtype] if self.classification_loss.weight is not None \
             else torch.ones_like(per_sample)
+        counted = torch.ones_like(per_sample)
         if self.subtype_loss_on_lesion_patches_only and self.lesion_label_present:
-            shows_lesion = (target == LESION_LABEL).flatten(1).any(dim=1)
-            weight = weight * shows_lesion
-        return (per_sample * weight).sum() / weight.sum().clamp_min(1e-6)
+            counted = (target == LESION_LABEL).flatten(1).any(dim=1).to(per_sample.dtype)
+        return (per_sample * counted).sum() / (weight * counted).sum().clamp_min(1e-6)
 
     def train_step(self, batch: dict) -> dict:
         data, target, subtype = self._to_device(batch)
