@@ -112,8 +112,13 @@ def _check_mask(zf: zipfile.ZipFile, member: str, image_file: Path, tmp: Path) -
                        ("origin", mask.GetOrigin(), reader.GetOrigin()),
                        ("direction", mask.GetDirection(), reader.GetDirection())]:
         if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
-            problems.append(f"mask {member}: {what} {tuple(np.round(a, 5))} differs from image {tuple(np.round(b, 5))}")
+            problems.append(f"mask {member}: {what} {_rounded(a)} differs from image {_rounded(b)}")
     values = np.unique(sitk.GetArrayViewFromImage(mask))
     if not set(values.tolist()) <= {0, 1, 2}:
         problems.append(f"mask {member}: labels {values.tolist()} outside 0, 1, 2")
     return problems
+
+
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    """Plain floats for messages (numpy 2 prints np.float64(...)); + 0.0 turns ITK's -0.0 into 0.0."""
+    return tuple(round(float(v), 5) + 0.0 for v in values)
