@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from tiny import REAL_CT
+from volumes import write_volume
 
 from nnunet_mtl.cli import build_parser, main
 from nnunet_mtl.cli import data as cli_data
@@ -20,7 +22,6 @@ from nnunet_mtl.data import importer
 SHAPE = (8, 16, 16)  # z, y, x
 SPACING = (0.75, 0.75, 2.0)  # x, y, z as SimpleITK orders it
 ORIGIN = (10.0, -20.0, 30.0)
-REAL_CT = Path(__file__).resolve().parent / "data" / "real-ct"  # TotalSegmentator test files, Apache-2.0
 DATASET = "Dataset007_Pancreas"
 
 
@@ -39,14 +40,7 @@ def import_work(tmp_path: Path) -> Path:
 
 
 def write_nifti(path: Path, array: np.ndarray, spacing=SPACING, origin=ORIGIN, direction=None) -> None:
-    image = sitk.GetImageFromArray(array, isVector=False)
-    if array.ndim == 3:
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        if direction is not None:
-            image.SetDirection(direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    write_volume(path, array, spacing, origin, direction)
 
 
 def make_mask(lesion: bool = True, dtype=np.uint8) -> np.ndarray:
@@ -404,6 +398,26 @@ def test_generic_layout_problems(tmp_path: Path, import_work: Path, capsys: pyte
     assert not import_work.exists() or list(import_work.iterdir()) == []
 
 
+@pytest.mark.parametrize("table, message", [
+    (b"id,label\na,0\n", "classes.csv: header must be case,class or case,class,split, found id,label"),
+    (b"", "classes.csv: header must be case,class or case,class,split, found nothing"),
+    (b"case,class\na,0,train\nb,1\nc,1\n", "classes.csv: line 2: 3 columns, expected 2"),
+    (b"case,class\na,\nb,1\nc,1\n", "classes.csv: line 2: empty case or class"),
+    (b"case,class,split\na,0,test\nb,1,train\nc,1,train\n",
+     "classes.csv: line 2: split 'test' is neither train nor validation"),
+    (b"case,class\na,0\nb,1\nc,1\na,1\n", "classes.csv: line 5: duplicate case id a"),
+    (b"case,class\na,\xff\n", "classes.csv: cannot read the class table"),
+])
+def test_malformed_classes_csv_is_named(tmp_path: Path, import_work: Path, capsys: pytest.CaptureFixture,
+                                        table: bytes, message: str) -> None:
+    make_generic(tmp_path, [("a", "0", ""), ("b", "1", ""), ("c", "1", "")], header="case,class")
+    (tmp_path / "classes.csv").write_bytes(table)
+    code, _, err = run_import(capsys, import_work, "--images", str(tmp_path / "images"), "--masks",
+                              str(tmp_path / "masks"), "--classes", str(tmp_path / "classes.csv"))
+    assert code == 2 and message in err, err
+    assert not (import_work / "nnUNet_raw").exists() or list((import_work / "nnUNet_raw").iterdir()) == []
+
+
 def test_generic_without_split_column_uses_first_fold(tmp_path: Path) -> None:
     make_generic(tmp_path, [(f"c{i}", str(i % 2), "") for i in range(10)], header="case,class")
     source = importer.scan_generic(tmp_path / "images", tmp_path / "masks", tmp_path / "classes.csv")
@@ -419,12 +433,9 @@ def test_real_ct_keeps_geometry_and_voxels(tmp_path: Path, import_work: Path, ca
     seg = read(REAL_CT / "example_seg.nii.gz")
     pancreas = (sitk.GetArrayFromImage(seg) == 10).astype(np.uint8)
     assert pancreas.sum() == 818
-    mask = sitk.GetImageFromArray(pancreas)
-    mask.CopyInformation(seg)
-    for folder in ("images", "masks"):
-        (tmp_path / folder).mkdir()
+    write_volume(tmp_path / "masks/ct1.nii.gz", pancreas, reference=seg)
+    (tmp_path / "images").mkdir()
     shutil.copyfile(REAL_CT / "example_ct.nii.gz", tmp_path / "images/ct1_0000.nii.gz")
-    sitk.WriteImage(mask, str(tmp_path / "masks/ct1.nii.gz"), useCompression=True)
     (tmp_path / "classes.csv").write_text("case,class\nct1,none\n")
 
     code, _, err = run_import(capsys, import_work, "--images", str(tmp_path / "images"), "--masks",

@@ -145,8 +145,14 @@ def test_subtypes_differ_in_what_defines_them(dataset: tuple[Path, dict]) -> Non
     assert below[2] <= 0.25 * len(lesion_mean[2])
 
 
+def lesion_ml(mask: sitk.Image) -> float:
+    """Lesion volume measured on the written mask: voxels of label 2 times the voxel volume."""
+    return float((np.rint(sitk.GetArrayFromImage(mask)) == 2).sum() * np.prod(mask.GetSpacing()) / 1000)
+
+
 def test_lesion_sizes_range_widely(dataset: tuple[Path, dict]) -> None:
-    volumes = [c["lesion_volume_ml"] for c in dataset[1]["cases"]]
+    out, summary = dataset
+    volumes = [lesion_ml(read(out / c["mask"])[0]) for c in summary["cases"]]
     assert max(volumes) / min(volumes) > 20
 
 
@@ -196,12 +202,13 @@ def test_size_classes_are_stratified_per_split_and_subtype() -> None:
 
 
 def test_make_case_draws_the_size_class_it_is_given() -> None:
-    radii = {}
+    volumes = {}
     for size_class in SIZE_CLASSES:
         _, mask, facts = make_case([3, 0, 0, 1], 0, "small", size_class)
         assert facts["size_class"] == size_class
-        radii[size_class] = facts["radius_mm"]
-    assert radii["tiny"] < radii["medium"] < radii["large"]
+        volumes[size_class] = lesion_ml(mask)
+    assert volumes["tiny"] < volumes["medium"] < volumes["large"]
+    assert 0.04 <= volumes["tiny"] <= 0.22  # the README's range of tiny lesions in the small preset
     with pytest.raises(ValueError, match="size_class"):
         make_case([3, 0, 0, 1], 0, "small", "huge")
 
@@ -212,8 +219,9 @@ def test_full_preset_case_has_real_geometry() -> None:
     nx, ny, nz = image.GetSize()
     assert 40 <= nz <= 90 and 120 <= ny <= 260 and 150 <= nx <= 300
     assert sx == sy and 0.65 < sx < 0.85 and 1.75 <= sz <= 2.5
-    assert mask.GetSize() == image.GetSize() and facts["lesion_voxels"] > 0
-    assert facts["mean_lesion_hu"] > facts["median_parenchyma_hu"]
+    labels, hu = np.rint(sitk.GetArrayFromImage(mask)), sitk.GetArrayFromImage(image)
+    assert mask.GetSize() == image.GetSize() and (labels == 2).sum() == facts["lesion_voxels"] > 0
+    assert hu[labels == 2].mean() > np.median(hu[labels == 1]) + 20  # subtype 2: hyper-enhancing, measured
 
 
 def test_invalid_arguments() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import REAL_CT
+from tiny import REAL_CT
+from volumes import read_array, write_volume
 
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference.outputs import read_probability_table
 from nnunet_mtl.inference.predict import PredictionMode, load_predictor, predict_folder
-from nnunet_mtl.inference.predictor import TileRecord, aggregate_subtype_logits, lesion_centre
 
 CPU = torch.device("cpu")
 
@@ -25,55 +26,6 @@ CPU = torch.device("cpu")
 def softmax(x):
     e = np.exp(x - np.max(x))
     return e / e.sum()
-
-
-def test_mean_aggregation_averages_logits():
-    records = [TileRecord(torch.tensor([2.0, 0.0, 0.0]), 0.0), TileRecord(torch.tensor([0.0, 4.0, 0.0]), 50.0)]
-    assert np.allclose(aggregate_subtype_logits(records, "mean"), softmax(np.array([1.0, 2.0, 0.0])))
-
-
-def test_lesion_weighted_aggregation_follows_the_lesion_tiles():
-    records = [TileRecord(torch.tensor([3.0, 0.0, 0.0]), 0.0), TileRecord(torch.tensor([0.0, 0.0, 3.0]), 30.0),
-               TileRecord(torch.tensor([0.0, 3.0, 0.0]), 10.0)]
-    expected = softmax((np.array([0, 0, 3.0]) * 30 + np.array([0, 3.0, 0]) * 10) / 40)
-    assert np.allclose(aggregate_subtype_logits(records, "lesion_weighted"), expected)
-    # no lesion anywhere: falls back to the plain mean
-    no_lesion = [TileRecord(r.logits, 0.0) for r in records]
-    assert np.allclose(aggregate_subtype_logits(no_lesion, "lesion_weighted"),
-                       aggregate_subtype_logits(no_lesion, "mean"))
-
-
-def test_folds_count_equally_whatever_their_number_of_records():
-    lesion_patch = TileRecord(torch.tensor([0.0, 0.0, 4.0]), 30.0, fold=0)  # a fold that found the lesion
-    no_lesion = [TileRecord(torch.tensor([2.0, 0.0, 0.0]), 0.0, fold=1) for _ in range(5)]  # one that did not
-    expected = softmax((np.array([0.0, 0.0, 4.0]) + np.array([2.0, 0.0, 0.0])) / 2)
-    for method in ("lesion_tile", "lesion_weighted"):
-        assert np.allclose(aggregate_subtype_logits([lesion_patch, *no_lesion], method), expected)
-
-
-def test_lesion_centre_picks_the_lesion_in_the_gland_over_a_larger_one_outside():
-    labels = np.zeros((12, 40, 40), np.uint8)
-    labels[3:9, 5:20, 5:20] = 1  # the gland
-    labels[5:8, 10:13, 10:13] = 2  # its lesion: 27 voxels
-    labels[2:9, 28:35, 28:35] = 2  # a larger false lesion away from it: 343 voxels, the largest component
-    assert lesion_centre(labels, 2).tolist() == [6, 11, 11]
-    labels[labels == 1] = 0
-    labels[0:12, 0:3, 0:40] = 1  # the largest foreground component holds no lesion: the largest lesion anywhere
-    assert lesion_centre(labels, 2).tolist() == [5, 31, 31]
-    gland = np.ones((8, 16, 8), np.uint8)
-    gland[1:4, 1:4, 1:4] = 2  # 27 voxels and 27 more touching them only corner to corner: one lesion of 54
-    gland[4:7, 4:7, 4:7] = 2  # voxels, as nnU-Net's largest-component postprocessing counts (26-connectivity)
-    gland[1:5, 9:15, 1:3] = 2  # 48 voxels: the largest under 6-connectivity
-    assert lesion_centre(gland, 2).tolist() == [4, 4, 4]
-    assert lesion_centre(np.ones((4, 4, 4), np.uint8), 2) is None
-
-
-def write_image(path: Path, array: np.ndarray, spacing, origin, direction) -> None:
-    image = sitk.GetImageFromArray(array.astype(np.int16))
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    sitk.WriteImage(image, str(path))
 
 
 def assert_same_geometry(mask_file: Path, image_file: Path) -> None:
@@ -91,7 +43,8 @@ def test_predict_keeps_geometry_and_writes_the_task_format(tiny_model, tiny_data
     source = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(source)))
     rotation = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # axes permuted: not identity, still orthonormal
-    write_image(images / "quiz_901_0000.nii.gz", array, (0.83, 1.17, 2.6), (-120.5, 33.25, 7.0), rotation)
+    write_volume(images / "quiz_901_0000.nii.gz", array.astype(np.int16), (0.83, 1.17, 2.6), (-120.5, 33.25, 7.0),
+                 rotation)
     shutil.copy(source, images / "quiz_902_0000.nii.gz")
     shutil.copy(REAL_CT / "example_ct.nii.gz", images / "quiz_903_0000.nii.gz")  # a real abdominal CT, 3 mm
     out = tmp_path / "out"
@@ -110,6 +63,35 @@ def test_predict_keeps_geometry_and_writes_the_task_format(tiny_model, tiny_data
         name, subtype = line.split(",")
         p = probabilities[name.removesuffix(".nii.gz")]
         assert np.isclose(p.sum(), 1, atol=1e-4) and int(subtype) == int(np.argmax(p))
+
+
+@pytest.fixture(scope="module")
+def both_modes(tiny_model, tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    """One tiny test case predicted by the one seeded tiny model in fast mode and in default mode (nnU-Net's:
+    Gaussian tiles at step 0.5 with mirroring, about 150 tiles x 8 mirrors here, hence one case)."""
+    root = tmp_path_factory.mktemp("modes")
+    image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    (root / "images").mkdir()
+    shutil.copy(image, root / "images" / image.name)
+    for name, mode in (("fast", PredictionMode.fast()), ("default", PredictionMode())):
+        report = predict_folder(tiny_model, root / "images", root / name, device=CPU, mode=mode, progress=False)
+        assert not report.failed and len(report.predicted) == 1
+    return {"images": root / "images", "fast": root / "fast", "default": root / "default"}
+
+
+def test_default_mode_keeps_geometry_and_agrees_with_fast_mode(both_modes):
+    (image,) = both_modes["images"].iterdir()
+    name = image.name.replace("_0000", "")
+    for mode in ("fast", "default"):
+        assert_same_geometry(both_modes[mode] / name, image)
+    fast, default = read_array(both_modes["fast"] / name), read_array(both_modes["default"] / name)
+    assert (default > 0).sum() > 500  # the model segments tissue: two empty masks would agree trivially
+    overlap = 2 * np.logical_and(fast > 0, default > 0).sum() / ((fast > 0).sum() + (default > 0).sum())
+    assert overlap >= 0.95, overlap
+    fast, default = (read_probability_table(both_modes[m]) for m in ("fast", "default"))
+    case = name.removesuffix(".nii.gz")
+    assert list(fast) == list(default) == [case]
+    assert int(np.argmax(fast[case])) == int(np.argmax(default[case]))
 
 
 def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset):
@@ -206,12 +188,37 @@ def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_mode
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 1 + 3
 
 
+def test_an_interrupted_mask_write_leaves_no_mask_and_is_redone(tiny_model, tiny_dataset, tmp_path, monkeypatch):
+    """Killed while nnU-Net writes a mask: no file under the case's name (a reader would take a truncated mask for
+    a result), and the next run predicts that case again."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    writer = PlansManager(json.loads((tiny_model / "plans.json").read_text())).image_reader_writer_class
+    original = writer.write_seg
+
+    def killed_mid_write(self, segmentation, output_fname, properties):
+        Path(output_fname).write_bytes(b"\x1f\x8b\x08 half a mask")  # what a killed process leaves behind
+        raise KeyboardInterrupt
+
+    images, out = tiny_dataset["phantom"] / "test", tmp_path / "out"
+    monkeypatch.setattr(writer, "write_seg", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
+    assert list(out.glob("quiz_*")) == []  # nothing under a final name
+    assert not (out / "subtype_results.csv").exists()
+    monkeypatch.setattr(writer, "write_seg", original)
+    report = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
+    assert report.skipped == [] and len(report.predicted) == 3
+    for image in images.glob("*_0000.nii.gz"):
+        assert_same_geometry(out / image.name.replace("_0000", ""), image)
+    assert not list(out.glob(".*"))  # the half-written temporary file is gone too
+
+
 def test_a_corrupt_case_is_reported_and_the_others_predicted(tiny_model, tiny_dataset, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(tiny_dataset["phantom"] / "test", images)
     (images / "quiz_950_0000.nii.gz").write_bytes(b"this is not a nifti file")
-    nan_image = sitk.GetImageFromArray(np.full((8, 16, 16), np.nan, dtype=np.float32))
-    sitk.WriteImage(nan_image, str(images / "quiz_951_0000.nii.gz"))
+    write_volume(images / "quiz_951_0000.nii.gz", np.full((8, 16, 16), np.nan, dtype=np.float32))
     out = tmp_path / "out"
     code = cli_main(["predict", "-i", str(images), "-o", str(out), "-m", str(tiny_model), "--fast",
                      "--device", "cpu"])
@@ -231,7 +238,7 @@ def test_bad_folders_are_refused_before_any_work(problem, tiny_model, tmp_path, 
     if problem != "missing":
         images.mkdir()
     if problem == "inside":
-        write_image(images / "a_0000.nii.gz", np.zeros((4, 8, 8)), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        write_volume(images / "a_0000.nii.gz", np.zeros((4, 8, 8), np.int16))
         out = images / "out"
     code = cli_main(["predict", "-i", str(images), "-o", str(out), "-m", str(tiny_model), "--device", "cpu"])
     assert code == 2

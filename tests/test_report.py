@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import json
-from collections import Counter
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_evaluation import label_map, make_synthetic_set
+from html_checks import (
+    assert_embeds_every_figure,
+    assert_self_contained,
+    assert_tables_hold_metrics,
+    chromium_screenshot,
+    coloured_fraction,
+    parse_page,
+)
+from volumes import label_map, make_synthetic_set
 
 from nnunet_mtl.cli import main
 from nnunet_mtl.evaluation.evaluate import evaluate_folder
@@ -27,70 +32,12 @@ from nnunet_mtl.evaluation.report import (
     select_overlay_cases,
 )
 
-VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 ALL_FIGURES = {"confusion_matrix.png", "dice_distribution.png", "training_curves.png", "reliability_diagram.png",
                "overlay_best.png", "overlay_median.png", "overlay_worst.png"}
 CURVES = {"train_losses": [-0.1, -0.3, -0.5], "val_losses": [-0.05, -0.2, -0.4], "train_cls_losses": [1.1, 0.9, 0.7],
           "mean_fg_dice": [0.5, 0.7, 0.8], "ema_fg_dice": [0.5, 0.6, 0.7], "val_case_lesion_dice": [0.1, 0.3, 0.4],
           "val_cls_macro_f1": [0.3, None, 0.6], "lrs": [0.01, 0.0067, 0.0034], "epoch_end_timestamps": [1.0, 2.0, 3.0],
           "dice_per_class_or_region": [[0.5, 0.4], [0.7, 0.5], [0.8, 0.6]]}
-
-
-class StrictParser(HTMLParser):
-    """html.parser plus the checks it does not make: balanced tags, one doctype, every src/href collected."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.stack: list[str] = []
-        self.errors: list[str] = []
-        self.tags: Counter = Counter()
-        self.images: list[dict] = []
-        self.links: list[str] = []
-        self.doctype = ""
-
-    def handle_decl(self, decl: str) -> None:
-        self.doctype = decl
-
-    def handle_starttag(self, tag, attrs) -> None:
-        attributes = dict(attrs)
-        self.tags[tag] += 1
-        self.links += [attributes[k] for k in ("src", "href") if k in attributes]
-        if tag == "img":
-            self.images.append(attributes)
-        if tag not in VOID_TAGS:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag) -> None:
-        if not self.stack or self.stack[-1] != tag:
-            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
-        else:
-            self.stack.pop()
-
-
-def parse_page(path: Path) -> StrictParser:
-    parser = StrictParser()
-    parser.feed(path.read_text(encoding="utf-8"))
-    parser.close()
-    assert parser.errors == [] and parser.stack == [], (parser.errors, parser.stack)
-    assert parser.doctype.lower() == "doctype html"
-    assert parser.tags["html"] == parser.tags["head"] == parser.tags["body"] == parser.tags["title"] == 1
-    return parser
-
-
-def assert_self_contained(page: Path, parser: StrictParser) -> None:
-    text = page.read_text(encoding="utf-8")
-    assert "http://" not in text and "https://" not in text
-    assert parser.tags["script"] == 0 and parser.tags["link"] == 0 and "url(" not in text
-    assert all(link.startswith("data:image/png;base64,") for link in parser.links)
-
-
-def assert_embeds_every_figure(out: Path, parser: StrictParser) -> set[str]:
-    written = {p.name for p in out.glob("*.png")}
-    embedded = {img["data-file"]: img["src"] for img in parser.images}
-    assert set(embedded) == written and len(parser.images) == len(written)
-    for name, src in embedded.items():
-        assert base64.b64decode(src.split(",", 1)[1]) == (out / name).read_bytes()
-    return written
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +53,32 @@ def evaluated_run(tmp_path_factory) -> dict[str, Path]:
     return {**folders, "fold": fold}
 
 
-def test_report_from_prediction_folder_is_valid_self_contained_html(evaluated_run, tmp_path):
-    page = build_report(evaluated_run["pred"], out_dir=tmp_path / "report")
-    assert page == tmp_path / "report" / "report.html"
+@pytest.fixture(scope="module")
+def report_page(evaluated_run, tmp_path_factory) -> Path:
+    """The report of the evaluated prediction folder, built once for the checks below."""
+    out = tmp_path_factory.mktemp("report")
+    page = build_report(evaluated_run["pred"], out_dir=out)
+    assert page == out / "report.html"
+    return page
+
+
+def test_report_from_prediction_folder_is_valid_self_contained_html(evaluated_run, report_page):
+    page = report_page
     parser = parse_page(page)
     assert_self_contained(page, parser)
     # training curves are found in the fold folder above validation/
     assert assert_embeds_every_figure(page.parent, parser) == ALL_FIGURES
-    text = page.read_text(encoding="utf-8")
-    for case in ("quiz_000", "quiz_005"):
-        assert f"<td>{case}</td>" in text  # the per-case table
-    assert "Confusion matrix (rows truth, columns prediction)" in text and "macro F1" in text
+    assert_tables_hold_metrics(parser, json.loads((evaluated_run["pred"] / "metrics.json").read_text()))
+    assert "Confusion matrix (rows truth, columns prediction)" in page.read_text(encoding="utf-8")
+
+
+def test_a_browser_renders_the_report_with_its_figures(report_page, tmp_path):
+    """Headless Chromium renders the page at the asked size; the figures' colours are on screen (tables and text
+    alone, or broken images, are grey)."""
+    pixels = chromium_screenshot(report_page, tmp_path, size=(1200, 1800))
+    assert pixels.shape[:2] == (1800, 1200)
+    assert (pixels[..., :3] < 0.9).any(axis=-1).mean() > 0.05  # not a blank page
+    assert coloured_fraction(pixels) > 0.01
 
 
 def test_report_of_training_fold_via_cli(evaluated_run, capsys):
@@ -135,6 +97,7 @@ def test_report_without_images_or_probabilities_or_curves(tmp_path):
     assert page == folders["pred"] / "report" / "report.html"
     parser = parse_page(page)
     assert assert_embeds_every_figure(page.parent, parser) == {"confusion_matrix.png", "dice_distribution.png"}
+    assert_tables_hold_metrics(parser, json.loads((folders["pred"] / "metrics.json").read_text()))
     text = page.read_text(encoding="utf-8")
     assert "CT overlays skipped" in text and "no training curves" in text
 

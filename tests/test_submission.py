@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from volumes import write_volume
 
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference.outputs import write_subtype_tables
@@ -16,11 +16,7 @@ from nnunet_mtl.inference.submission import check_submission, pack_submission
 CASES = ["quiz_001", "quiz_002", "quiz_003"]
 
 
-def image(array: np.ndarray, spacing=(0.7, 0.7, 2.0)) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    img.SetOrigin((10.0, -5.0, 3.0))
-    return img
+SPACING, ORIGIN = (0.7, 0.7, 2.0), (10.0, -5.0, 3.0)
 
 
 @pytest.fixture()
@@ -30,11 +26,11 @@ def prediction(tmp_path) -> tuple[Path, Path]:
     preds.mkdir()
     probabilities = {}
     for i, case in enumerate(CASES):
-        sitk.WriteImage(image(np.zeros((6, 10, 12), np.int16)), str(images / f"{case}_0000.nii.gz"))
+        write_volume(images / f"{case}_0000.nii.gz", np.zeros((6, 10, 12), np.int16), SPACING, ORIGIN)
         mask = np.zeros((6, 10, 12), np.uint8)
         mask[2:4, 3:6, 3:7] = 1
         mask[3, 4, 4] = 2
-        sitk.WriteImage(image(mask), str(preds / f"{case}.nii.gz"))
+        write_volume(preds / f"{case}.nii.gz", mask, SPACING, ORIGIN)
         probabilities[case] = np.roll(np.array([0.7, 0.2, 0.1]), i)
     write_subtype_tables(preds, probabilities)
     return images, preds
@@ -66,30 +62,147 @@ def rewrite(zip_path: Path, out: Path, replace: dict[str, bytes | None]) -> Path
     return out
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"subtype_results.csv": b"Name,Subtype\nquiz_001.nii.gz,0\n"}, "header must be exactly Names,Subtype"),
-    ({"subtype_results.csv": b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_002.nii.gz,5\nquiz_003.nii.gz,1\n"},
-     "subtype '5' is not one of 0..2"),
-    ({"subtype_results.csv": b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_001.nii.gz,1\nquiz_003.nii.gz,1\n"},
-     "quiz_001.nii.gz listed 2 times"),
-    ({"quiz_002.nii.gz": None}, "mask quiz_002.nii.gz is missing"),
-    ({"quiz_002.nii.gz": b"garbage"}, "mask quiz_002.nii.gz cannot be read"),
-    ({"extra/quiz_009.nii.gz": b"x"}, "files must be at the zip root"),
-])
-def test_broken_submissions_are_explained(prediction, tmp_path, change, expected):
+def mask_bytes(tmp_path: Path, array: np.ndarray, spacing=SPACING, origin=ORIGIN, direction=None) -> bytes:
+    return write_volume(tmp_path / "made" / "mask.nii.gz", array, spacing, origin, direction).read_bytes()
+
+
+def good_mask() -> np.ndarray:
+    mask = np.zeros((6, 10, 12), np.uint8)
+    mask[2:4, 3:6, 3:7] = 1
+    return mask
+
+
+def with_label(value: int) -> np.ndarray:
+    mask = good_mask()
+    mask[0, 0, 0] = value
+    return mask
+
+
+TABLE = "subtype_results.csv"
+BROKEN = {
+    "header": ({TABLE: b"Name,Subtype\nquiz_001.nii.gz,0\n"},
+               [f"{TABLE}: header must be exactly Names,Subtype, got Name,Subtype"]),
+    "empty table": ({TABLE: b""}, [f"{TABLE}: header must be exactly Names,Subtype, got "]),
+    "subtype": ({TABLE: b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_002.nii.gz,5\nquiz_003.nii.gz,1\n"},
+                [f"{TABLE} line 3: subtype '5' is not one of 0..2"]),
+    "negative subtype": ({TABLE: b"Names,Subtype\nquiz_001.nii.gz,-1\nquiz_002.nii.gz,1\nquiz_003.nii.gz,1\n"},
+                         [f"{TABLE} line 2: subtype '-1' is not one of 0..2"]),
+    "listed twice": ({TABLE: b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_001.nii.gz,1\nquiz_003.nii.gz,1\n"},
+                     [f"{TABLE}: quiz_001.nii.gz listed 2 times", f"{TABLE}: quiz_002.nii.gz is missing"]),
+    "columns": ({TABLE: b"Names,Subtype\nquiz_001.nii.gz,0,x\nquiz_002.nii.gz,1\nquiz_003.nii.gz,1\n"},
+                [f"{TABLE} line 2: expected 2 columns, got ['quiz_001.nii.gz', '0', 'x']",
+                 f"{TABLE}: quiz_001.nii.gz is missing"]),
+    "name": ({TABLE: b"Names,Subtype\nquiz_001,0\nquiz_002.nii.gz,1\nquiz_003.nii.gz,1\n"},
+             [f"{TABLE} line 2: name 'quiz_001' must end with .nii.gz", f"{TABLE}: quiz_001.nii.gz is missing"]),
+    "not a test case": ({TABLE: b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_002.nii.gz,1\nquiz_003.nii.gz,1\n"
+                                b"quiz_009.nii.gz,2\n"},
+                        [f"{TABLE} line 5: quiz_009.nii.gz is not a test case"]),
+    "table missing": ({TABLE: None}, [f"{TABLE} is missing from the zip root"]),
+    "mask missing": ({"quiz_002.nii.gz": None}, ["mask quiz_002.nii.gz is missing"]),
+    "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz cannot be read"]),
+    "nested": ({"extra/quiz_009.nii.gz": b"x"},
+               ["files must be at the zip root, found in folders: ['extra/quiz_009.nii.gz']"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_submissions_are_explained(prediction, tmp_path, kind):
+    """Every problem of a broken zip in full, nothing else."""
     images, preds = prediction
     good = tmp_path / "good.zip"
     pack_submission(preds, good)
-    broken = rewrite(good, tmp_path / "broken.zip", change)
-    problems = check_submission(broken, images)
-    assert any(expected in p for p in problems), problems
+    change, expected = BROKEN[kind]
+    assert check_submission(rewrite(good, tmp_path / "broken.zip", change), images) == expected
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: with_label(3), ["mask quiz_001.nii.gz: labels [0, 1, 3] outside 0, 1, 2"]),
+    (lambda: with_label(2), []),
+    (lambda: good_mask()[:, :, :11], ["mask quiz_001.nii.gz: size (11, 10, 6) differs from image (12, 10, 6)"]),
+])
+def test_mask_labels_and_size_are_checked(prediction, tmp_path, make, expected):
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    broken = rewrite(good, tmp_path / "broken.zip", {"quiz_001.nii.gz": mask_bytes(tmp_path, make())})
+    assert check_submission(broken, images) == expected
+
+
+@pytest.mark.parametrize("geometry, expected", [
+    ({"origin": (10.001, -5.0, 3.0)}, []),  # within 1e-4 + 1e-4 x 10 mm
+    ({"origin": (10.0123456, -5.0, 3.0)},  # shown rounded to 5 decimals
+     ["mask quiz_001.nii.gz: origin (10.01235, -5.0, 3.0) differs from image (10.0, -5.0, 3.0)"]),
+    ({"spacing": (0.7, 0.70005, 2.0)}, []),
+    ({"spacing": (0.7, 0.7, 2.001)},
+     ["mask quiz_001.nii.gz: spacing (0.7, 0.7, 2.001) differs from image (0.7, 0.7, 2.0)"]),
+    ({"direction": (-1, 0, 0, 0, -1, 0, 0, 0, 1)},
+     ["mask quiz_001.nii.gz: direction (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0) differs from image "
+      "(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)"]),
+])
+def test_mask_geometry_tolerance(prediction, tmp_path, geometry, expected):
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    made = mask_bytes(tmp_path, good_mask(), **{"spacing": SPACING, "origin": ORIGIN, **geometry})
+    assert check_submission(rewrite(good, tmp_path / "broken.zip", {"quiz_001.nii.gz": made}), images) == expected
+
+
+def test_extra_masks_other_subtype_counts_and_unusable_inputs(prediction, tmp_path):
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    extra = rewrite(good, tmp_path / "extra.zip", {"quiz_009.nii.gz": mask_bytes(tmp_path, good_mask())})
+    assert check_submission(extra, images) == ["mask quiz_009.nii.gz has no test image"]
+    assert check_submission(good, images, num_subtypes=2) == [f"{TABLE} line 4: subtype '2' is not one of 0..1"]
+    bom = rewrite(good, tmp_path / "bom.zip", {TABLE: b"\xef\xbb\xbf" + (preds / TABLE).read_bytes()})
+    assert check_submission(bom, images) == []  # a spreadsheet's byte-order mark is not a header error
+    (tmp_path / "not.zip").write_bytes(b"not a zip")
+    assert check_submission(tmp_path / "not.zip", images) == [
+        f"{tmp_path / 'not.zip'}: not a readable zip (File is not a zip file)"]
+    (tmp_path / "no_images").mkdir()
+    assert check_submission(good, tmp_path / "no_images") == [
+        f"{tmp_path / 'no_images'} holds no test images named <case>_0000.nii.gz"]
+
+
+def test_pack_takes_visible_masks_only_and_refuses_an_unfinished_folder(prediction, tmp_path):
+    images, preds = prediction
+    (preds / ".quiz_004.tmp.nii.gz").write_bytes(b"half")  # an interrupted write's temporary file
+    zip_path = tmp_path / "deep" / "er" / "results.zip"
+    assert pack_submission(preds, zip_path) == CASES
+    with zipfile.ZipFile(zip_path) as zf:
+        assert ".quiz_004.tmp.nii.gz" not in zf.namelist()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / TABLE).write_text("Names,Subtype\n")
+    with pytest.raises(FileNotFoundError, match=f"{empty} holds no .nii.gz masks"):
+        pack_submission(empty, tmp_path / "x.zip")
+    with pytest.raises(FileNotFoundError, match="subtype_results.csv not found: run `nnunet-mtl predict` first"):
+        pack_submission(tmp_path / "deep", tmp_path / "x.zip")
+    assert not (tmp_path / "x.zip").exists() and sorted(p.name for p in zip_path.parent.iterdir()) == ["results.zip"]
 
 
 def test_mask_geometry_must_match_the_image(prediction, tmp_path):
     images, preds = prediction
-    sitk.WriteImage(image(np.zeros((6, 10, 12), np.uint8), spacing=(0.8, 0.7, 2.0)), str(preds / "quiz_003.nii.gz"))
+    write_volume(preds / "quiz_003.nii.gz", np.zeros((6, 10, 12), np.uint8), (0.8, 0.7, 2.0), ORIGIN)
     zip_path = tmp_path / "results.zip"
     pack_submission(preds, zip_path)
     problems = check_submission(zip_path, images)
     assert any("quiz_003.nii.gz: spacing" in p for p in problems)
     assert cli_main(["check-submission", str(zip_path), "--images", str(images)]) == 2
+
+
+def test_submission_command_zips_the_prediction_folder(prediction, tmp_path, capsys):
+    images, preds = prediction
+    zip_path = tmp_path / "out" / "results.zip"
+    assert cli_main(["submission", str(preds), "--zip", str(zip_path)]) == 0
+    assert f"{zip_path}: 3 masks + subtype_results.csv" in capsys.readouterr().out
+    with zipfile.ZipFile(zip_path) as zf:
+        assert sorted(zf.namelist()) == sorted([f"{c}.nii.gz" for c in CASES] + ["subtype_results.csv"])
+        for name in zf.namelist():
+            assert zf.read(name) == (preds / name).read_bytes()
+    assert [p.name for p in zip_path.parent.iterdir()] == ["results.zip"]  # no temporary file left
+    assert cli_main(["check-submission", str(zip_path), "--images", str(images)]) == 0
+    (preds / "subtype_results.csv").unlink()
+    assert cli_main(["submission", str(preds), "--zip", str(tmp_path / "again.zip")]) == 2
+    assert "run `nnunet-mtl predict` first" in capsys.readouterr().err
+    assert not (tmp_path / "again.zip").exists()

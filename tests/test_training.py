@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DATASET_ID, TINY_PLANS
+from sklearn.utils.class_weight import compute_class_weight
+from tiny import TINY_DATASET_ID, TINY_PLANS, TINY_TRAIN_PER_SUBTYPE
 
+from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.training.dataloader import class_balanced_probabilities
 from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
 
@@ -28,12 +31,23 @@ def first_batch(trainer):
     return next(trainer.dataloader_train)
 
 
+def subtype_in_name(case: str) -> int:
+    """The published names carry the subtype: quiz_<subtype>_<id>; an independent truth for the loader's table."""
+    prefix, subtype, number = case.split("_")
+    assert prefix == "quiz" and len(number) == 3
+    return int(subtype)
+
+
 def test_batches_carry_the_subtype_of_their_cases(tiny_env):
     trainer = make_trainer()
-    batch = first_batch(trainer)
-    expected = [trainer.case_subtypes[k] for k in batch["keys"]]
-    assert batch["subtype"].tolist() == expected
-    assert batch["data"].shape[2:] == tuple(trainer.configuration_manager.patch_size)
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    seen = set()
+    for _ in range(4):
+        batch = next(trainer.dataloader_train)
+        assert batch["subtype"].tolist() == [subtype_in_name(k) for k in batch["keys"]]
+        assert batch["data"].shape[2:] == tuple(trainer.configuration_manager.patch_size)
+        seen |= set(batch["subtype"].tolist())
+    assert len(seen) >= 2  # more than one subtype went by, so a constant could not pass
 
 
 def test_lesion_centred_patches_contain_lesion(tiny_env):
@@ -57,11 +71,28 @@ def test_class_balanced_probabilities_equalise_subtypes():
 
 
 def test_inverse_frequency_class_weights_follow_the_training_split(tiny_env):
+    """The tiny training split is imbalanced (2/2/3), so weights of 1 (weighting off) cannot pass."""
+    splits = json.loads((tiny_env["raw"] / "splits_final.json").read_text())
+    subtypes = [subtype_in_name(k) for k in splits[0]["train"]]
+    assert np.bincount(subtypes).tolist() == list(TINY_TRAIN_PER_SUBTYPE)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=subtypes)  # n / (classes x count)
+    assert np.allclose(expected, [7 / 6, 7 / 6, 7 / 9])
     trainer = make_trainer()
-    train_keys, _ = trainer.do_split()
-    counts = np.bincount([trainer.case_subtypes[k] for k in train_keys], minlength=3)
-    expected = counts.sum() / (3 * counts)
     assert np.allclose(trainer.classification_loss.weight.numpy(), expected)
+    assert make_trainer(class_weighting="none").classification_loss.weight is None
+    # the weighted mean of the loss, written out: sum of w_y x CE over sum of w_y
+    trainer.subtype_loss_on_lesion_patches_only = False
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 1.5]])
+    subtype = torch.tensor([0, 2, 2])
+    ce = -torch.log_softmax(logits, 1)[torch.arange(3), subtype]
+    w = torch.tensor(expected, dtype=torch.float32)[subtype]
+    loss = trainer._subtype_loss(logits, subtype, torch.zeros(3, 1, 2, 2, 2))
+    assert torch.isclose(loss, (w * ce).sum() / w.sum())  # each class weight counted once, as torch's mean
+    trainer.subtype_loss_on_lesion_patches_only = True
+    target = torch.zeros(3, 1, 2, 2, 2)
+    target[1:, 0, 0, 0, 0] = 2  # the second and third patch show lesion
+    loss = trainer._subtype_loss(logits, subtype, target)
+    assert torch.isclose(loss, (w[1:] * ce[1:]).sum() / w[1:].sum())
 
 
 def test_subtype_loss_ignores_patches_that_do_not_show_the_lesion(tiny_env):
@@ -194,47 +225,101 @@ def fold_1_removed_afterwards(tiny_env):
     shutil.rmtree(build_trainer(TINY_DATASET_ID, TINY_PLANS, 1, "cpu").output_folder, ignore_errors=True)
 
 
-def test_resume_restores_epoch_optimizer_and_logger(tiny_env, fold_1_removed_afterwards, monkeypatch):
-    """Interrupt in the third epoch; resuming continues after the last finished epoch with its state."""
+def test_resume_at_the_command_line_restores_epoch_weights_optimizer_and_logger(tiny_env, fold_1_removed_afterwards,
+                                                                               monkeypatch, capsys):
+    """Interrupt in the third epoch; `nnunet-mtl train --resume` continues after the last finished epoch with the
+    state the run held in memory then (not compared with the file it was loaded from), and trains one epoch."""
     from nnunet_mtl.training.trainer import nnUNetTrainerMTL
 
     settings = TrainSettings(epochs=3, iterations=2, val_iterations=1, case_validation_every=1)
-    calls = {"n": 0}
-    original = nnUNetTrainerMTL.train_step
+    steps, at_epoch_end = {"n": 0, "interrupt_at": 5}, {}
+    original_step, original_end = nnUNetTrainerMTL.train_step, nnUNetTrainerMTL.on_epoch_end
 
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:  # first step of the third epoch
+    def counted_step(self, batch):
+        steps["n"] += 1
+        if steps["n"] == steps["interrupt_at"]:  # first step of the third epoch
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original_step(self, batch)
 
-    monkeypatch.setattr(nnUNetTrainerMTL, "train_step", interrupted)
+    def remembered_end(self):
+        original_end(self)  # saves checkpoint_latest.pth, then counts the epoch
+        at_epoch_end[self.current_epoch] = {
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "train_losses": list(self.logger.get_value("train_losses", step=None))}
+
+    monkeypatch.setattr(nnUNetTrainerMTL, "train_step", counted_step)
+    monkeypatch.setattr(nnUNetTrainerMTL, "on_epoch_end", remembered_end)
     with pytest.raises(KeyboardInterrupt):
         train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, validate=False)
-    monkeypatch.setattr(nnUNetTrainerMTL, "train_step", original)
+    assert sorted(at_epoch_end) == [1, 2]
+    interrupted = at_epoch_end[2]
 
     trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", continue_training=True)
     checkpoint_file = find_resume_checkpoint(trainer.output_folder)
     assert checkpoint_file is not None and checkpoint_file.name == "checkpoint_latest.pth"
-    saved = torch.load(checkpoint_file, map_location="cpu", weights_only=True)  # loads safely
-    assert saved["current_epoch"] == 2
+    assert torch.load(checkpoint_file, map_location="cpu", weights_only=True)["current_epoch"] == 2  # loads safely
     apply_settings(trainer, settings)
     trainer.initialize()
     trainer.load_checkpoint(str(checkpoint_file))
     assert trainer.current_epoch == 2
-    assert len(trainer.logger.get_value("train_losses", step=None)) == 2
+    for key, value in interrupted["weights"].items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    restored = trainer.optimizer.state_dict()
+    assert len(restored["state"]) == len(interrupted["optimizer"]["state"]) > 0
+    for index, state in interrupted["optimizer"]["state"].items():
+        assert torch.equal(restored["state"][index]["momentum_buffer"], state["momentum_buffer"]), index
+    assert trainer.logger.get_value("train_losses", step=None) == interrupted["train_losses"]
     assert len(trainer.logger.get_value("val_cls_macro_f1", step=None)) == 2
-    state = trainer.optimizer.state_dict()["state"]
-    first = next(iter(saved["optimizer_state"]["state"]))
-    assert torch.equal(state[first]["momentum_buffer"], saved["optimizer_state"]["state"][first]["momentum_buffer"])
 
-    result = train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, resume=True, validate=False)
-    folder = Path(result["output_folder"])
+    steps.update(n=0, interrupt_at=0)
+    code = cli_main(["train", str(TINY_DATASET_ID), "--plans", TINY_PLANS, "--fold", "1", "--device", "cpu",
+                     "--epochs", "3", "--iterations", "2", "--val-iterations", "1", "--case-validation-every", "1",
+                     "--no-validation", "--resume", "--workdir", str(tiny_env["workdir"])])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoint_file} at epoch 2" in printed and "model folder:" in printed
+    assert steps["n"] == 2  # the third epoch only
+    folder = Path(trainer.output_folder)
     final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
-    assert final["current_epoch"] == 3
+    assert final["current_epoch"] == 3 and not (folder / "checkpoint_latest.pth").exists()
     curves = json.loads((folder / "training_curves.json").read_text())
+    assert curves["train_losses"][:2] == pytest.approx(interrupted["train_losses"])
     assert len(curves["train_losses"]) == 3 and len(curves["combined_score"]) == 3
     assert (folder / "progress.png").is_file() and (folder / "progress_classification.png").is_file()
+
+
+def test_best_checkpoint_follows_the_ema_of_the_combined_score(tiny_env, tmp_path, monkeypatch):
+    """Five scripted epochs. The raw combined score peaks in epoch 1 and nnU-Net's pseudo-Dice EMA in epoch 4; the
+    EMA of the combined score (0.8 x previous + 0.2 x new) peaks in epoch 3, which must be checkpoint_best."""
+    trainer = make_trainer(epochs=5, case_validation_every=1)
+    trainer.output_folder, trainer.log_file = str(tmp_path), str(tmp_path / "log.txt")
+    monkeypatch.setattr(trainer.logger, "plot_progress_png", lambda folder: None)
+    monkeypatch.setattr(trainer, "write_training_curves", lambda: None)
+    # (whole-pancreas Dice, lesion Dice, macro-F1) per epoch; combined = 0.5 x (p + l) / 2 + 0.5 x F1, by hand
+    case_level = iter([(0.6, 0.2, 0.3), (1.0, 0.8, 0.9), (0.8, 0.4, 0.6), (0.8, 0.4, 0.6), (0.4, 0.0, 0.2)])
+    combined = [0.35, 0.9, 0.6, 0.6, 0.2]
+    ema = [0.35, 0.46, 0.488, 0.5104, 0.44832]
+    pseudo_dice = [0.5, 0.5, 0.5, 0.5, 0.99]
+    keys = ("val_case_pancreas_dice", "val_case_lesion_dice", "val_cls_macro_f1")
+    monkeypatch.setattr(trainer, "case_level_validation",
+                        lambda: {**dict(zip(keys, next(case_level))), "val_cls_accuracy": 0.5})
+    for d in pseudo_dice:
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        trainer.on_train_epoch_end([{"loss": np.array(1.0), "seg_loss": np.array(0.7), "cls_loss": np.array(1.0)}])
+        trainer.on_validation_epoch_start()
+        hard = {"tp_hard": np.full(2, 50 * d), "fp_hard": np.full(2, 50 * (1 - d)), "fn_hard": np.full(2, 50 * (1 - d))}
+        trainer.on_validation_epoch_end([{"loss": np.array(0.9), "seg_loss": np.array(0.6),
+                                          "cls_loss": np.array(1.0), **hard}])
+        trainer.on_epoch_end()
+    log = trainer.logger.get_value
+    assert log("combined_score", step=None) == pytest.approx(combined)
+    assert log("ema_combined_score", step=None) == pytest.approx(ema)
+    assert int(np.argmax(log("ema_fg_dice", step=None))) == 4 and int(np.argmax(combined)) == 1  # the other rules
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=True)
+    assert best["current_epoch"] == 4  # written at the end of epoch 3 (counted from 0)
+    assert best["_best_combined"] == pytest.approx(0.5104) and trainer._best_combined == pytest.approx(0.5104)
 
 
 def test_initial_weights_from_a_segmentation_only_nnunet_checkpoint(tiny_env, tmp_path):

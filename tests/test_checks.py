@@ -1,0 +1,132 @@
+"""Per-file checks of images and masks (data/checks.py) on hand-made volumes: each problem named, each tolerance held
+at its edge from both sides. The importer's tests see these through whole datasets; here each rule is pinned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from volumes import write_volume
+
+from nnunet_mtl.data import checks
+from nnunet_mtl.data.checks import check_finite, check_shape, clean_mask, geometry_problems, read_nifti
+
+SPACING, ORIGIN = (0.8, 0.8, 2.0), (10.0, -20.0, 30.0)
+
+
+def image(array=None, spacing=SPACING, origin=ORIGIN, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.zeros((4, 6, 8), np.int16) if array is None else array)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection([float(d) for d in direction])
+    return img
+
+
+def test_unreadable_files_become_problems_with_itks_reason(tmp_path: Path) -> None:
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    read, problems = read_nifti(tmp_path / "bad.nii.gz")
+    assert read is None
+    assert problems == [f'not a readable NIfTI file (sitk::ERROR: Unable to determine ImageIO reader for '
+                        f'"{tmp_path / "bad.nii.gz"}")']  # ITK's last line, not its source location
+    read, problems = read_nifti(write_volume(tmp_path / "ok.nii.gz", np.ones((2, 3, 4), np.int16)))
+    assert problems == [] and read.GetSize() == (4, 3, 2)
+
+
+def test_shape_checks_name_dimension_and_channels() -> None:
+    assert check_shape(image(), "image") == []
+    flat = sitk.GetImageFromArray(np.zeros((6, 8), np.int16))
+    assert check_shape(flat, "mask") == ["mask is 2D (size [8, 6]), expected 3D"]
+    vector = sitk.GetImageFromArray(np.zeros((4, 6, 8, 3), np.int16), isVector=True)
+    assert check_shape(vector, "image") == ["image has 3 components per voxel, expected a single channel"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_voxels_are_counted_by_kind(tmp_path: Path, dtype) -> None:
+    array = np.zeros((4, 6, 8), dtype)
+    array[0, 0, :3] = np.nan
+    array[1, 1, 1], array[2, 2, 2] = np.inf, -np.inf
+    path = write_volume(tmp_path / "f.nii.gz", array)
+    assert check_finite(sitk.ReadImage(str(path)), path, "image") == [
+        "image holds 5 non-finite voxels (-inf, NaN, inf)"]
+    clean = write_volume(tmp_path / "clean.nii.gz", np.ones((4, 6, 8), dtype))
+    assert check_finite(sitk.ReadImage(str(clean)), clean, "image") == []
+    integers = write_volume(tmp_path / "i.nii.gz", np.ones((4, 6, 8), np.int16))
+    assert check_finite(sitk.ReadImage(str(integers)), integers, "image") == []
+
+
+def test_geometry_tolerances_hold_at_their_edges() -> None:
+    reference = image()
+    assert geometry_problems(reference, image()) == []
+    # spacing: relative 1e-4
+    assert geometry_problems(reference, image(spacing=(0.80006, 0.8, 2.0))) == []
+    assert geometry_problems(reference, image(spacing=(0.8002, 0.8, 2.0))) == [
+        "spacing [0.8002, 0.8, 2] differs from the image's [0.8, 0.8, 2]"]
+    assert geometry_problems(reference, image(spacing=(0.8, 0.8, 2.5))) != []
+    # origin: absolute 1e-3 mm
+    assert geometry_problems(reference, image(origin=(10.0009, -20.0, 30.0))) == []
+    assert geometry_problems(reference, image(origin=(10.0, -20.0, 30.0011))) == [
+        "origin [10, -20, 30.0011] differs from the image's [10, -20, 30]"]
+    assert geometry_problems(reference, image(origin=(10.5, -20.0, 30.0))) != []
+    # direction: absolute 1e-4
+    near = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    near[0, 1] = 5e-5
+    assert geometry_problems(reference, image(direction=near.ravel())) == []
+    flipped = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    assert geometry_problems(reference, image(direction=flipped)) == [
+        "direction [-1, 0, 0, 0, -1, 0, 0, 0, 1] differs from the image's [1, 0, 0, 0, 1, 0, 0, 0, 1]"]
+    assert geometry_problems(reference, image(np.zeros((4, 6, 9), np.int16))) == [
+        "size [9, 6, 4] differs from the image's [8, 6, 4]"]
+    everything = geometry_problems(reference, image(np.zeros((5, 6, 8), np.int16), (1, 1, 1), (0, 0, 0), flipped))
+    assert [p.split(" ")[0] for p in everything] == ["size", "spacing", "origin", "direction"]
+
+
+def mask(values: dict[tuple[int, int, int], float], dtype=np.float32) -> sitk.Image:
+    array = np.zeros((4, 6, 8), dtype)
+    array[1:3, 1:4, 1:5] = 1
+    for index, value in values.items():
+        array[index] = value
+    return image(array)
+
+
+def test_clean_mask_rounds_within_the_tolerance_only() -> None:
+    quirk = clean_mask(mask({(1, 1, 1): 1.0000152587890625, (2, 2, 2): 2.0009, (0, 0, 0): -0.0009}), 3)
+    assert quirk.problems == [] and quirk.rounded and quirk.labels_present == {0, 1, 2}
+    assert quirk.array.dtype == np.uint8 and quirk.array[2, 2, 2] == 2 and quirk.array[0, 0, 0] == 0
+    expected = np.zeros((4, 6, 8), np.uint8)
+    expected[1:3, 1:4, 1:5] = 1
+    expected[2, 2, 2] = 2
+    assert np.array_equal(quirk.array, expected)
+    exact = clean_mask(mask({(2, 2, 2): 2.0}), 3)  # floats holding exact integers: nothing to round
+    assert exact.problems == [] and not exact.rounded and exact.labels_present == {0, 1, 2}
+    integers = clean_mask(mask({}, np.int16), 3)
+    assert integers.problems == [] and not integers.rounded and integers.labels_present == {0, 1}
+    assert integers.array.dtype == np.uint8
+    beyond = clean_mask(mask({(1, 1, 1): 1.0011}, np.float64), 3)
+    assert beyond.array is None and beyond.problems == [
+        "mask holds non-integer values (1.0011); values within 0.001 of an integer are rounded, these are not"]
+
+
+def test_clean_mask_names_negative_and_undeclared_labels() -> None:
+    assert clean_mask(mask({(0, 0, 0): 2}, np.int16), 3).problems == []  # the highest declared label
+    assert clean_mask(mask({(0, 0, 0): 3}, np.int16), 3).problems == [
+        "mask holds labels 3 outside the declared labels 0..2"]
+    assert clean_mask(mask({(0, 0, 0): 2}, np.int16), 2).problems == [
+        "mask holds labels 2 outside the declared labels 0..1"]
+    both = clean_mask(mask({(0, 0, 0): -1, (0, 0, 1): -2, (3, 5, 7): 4}, np.int16), 3)
+    assert both.array is None
+    assert both.problems == ["mask holds negative values (-2, -1)",
+                             "mask holds labels 4 outside the declared labels 0..2"]
+    assert clean_mask(mask({(0, 0, 0): -1.0}), 3).problems == ["mask holds negative values (-1)"]
+    assert clean_mask(sitk.GetImageFromArray(np.zeros((2, 4, 6, 8), np.uint8), isVector=False), 3).problems == [
+        "mask is 4D (size [8, 6, 4, 2]), expected 3D"]
+
+
+def test_listed_values_stop_after_five() -> None:
+    values = {(0, 0, i): 0.5 + i for i in range(7)}
+    problems = clean_mask(mask(values), 10).problems
+    assert problems == ["mask holds non-integer values (0.5, 1.5, 2.5, 3.5, 4.5 and 2 more); values within 0.001 "
+                        "of an integer are rounded, these are not"]
+    assert checks._list_values(np.array([7, 9])) == "7, 9"
+    assert checks._list_values(np.arange(5)) == "0, 1, 2, 3, 4"
