@@ -34,6 +34,19 @@ def test_unreadable_files_become_problems_with_itks_reason(tmp_path: Path) -> No
     assert problems == [] and read.GetSize() == (4, 3, 2)
 
 
+@pytest.mark.parametrize("message, reason", [
+    ("Exception thrown in ImageFileReader_Execute: file.cxx:99:\nsitk::ERROR: first\nsitk::ERROR: the last line",
+     "sitk::ERROR: the last line"),
+    ("", "RuntimeError"),  # an empty message: the exception's kind
+])
+def test_the_reason_is_the_errors_last_line(tmp_path: Path, monkeypatch, message: str, reason: str) -> None:
+    def failing(path):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(sitk, "ReadImage", failing)
+    assert read_nifti(tmp_path / "x.nii.gz") == (None, [f"not a readable NIfTI file ({reason})"])
+
+
 def test_shape_checks_name_dimension_and_channels() -> None:
     assert check_shape(image(), "image") == []
     flat = sitk.GetImageFromArray(np.zeros((6, 8), np.int16))
@@ -76,10 +89,19 @@ def test_geometry_tolerances_hold_at_their_edges() -> None:
     flipped = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
     assert geometry_problems(reference, image(direction=flipped)) == [
         "direction [-1, 0, 0, 0, -1, 0, 0, 0, 1] differs from the image's [1, 0, 0, 0, 1, 0, 0, 0, 1]"]
+    # a rotated image: entries near 0.7 must still match to 1e-4 (absolute), not relative to their size
+    turned = image(direction=rotation_z(45.0))
+    assert geometry_problems(turned, image(direction=rotation_z(45.0))) == []
+    assert len(geometry_problems(turned, image(direction=rotation_z(45.5)))) == 1
     assert geometry_problems(reference, image(np.zeros((4, 6, 9), np.int16))) == [
         "size [9, 6, 4] differs from the image's [8, 6, 4]"]
     everything = geometry_problems(reference, image(np.zeros((5, 6, 8), np.int16), (1, 1, 1), (0, 0, 0), flipped))
     assert [p.split(" ")[0] for p in everything] == ["size", "spacing", "origin", "direction"]
+
+
+def rotation_z(degrees: float) -> tuple[float, ...]:
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
 
 
 def mask(values: dict[tuple[int, int, int], float], dtype=np.float32) -> sitk.Image:
@@ -99,9 +121,17 @@ def test_clean_mask_rounds_within_the_tolerance_only() -> None:
     expected[2, 2, 2] = 2
     assert np.array_equal(quirk.array, expected)
     exact = clean_mask(mask({(2, 2, 2): 2.0}), 3)  # floats holding exact integers: nothing to round
-    assert exact.problems == [] and not exact.rounded and exact.labels_present == {0, 1, 2}
+    assert exact.problems == [] and exact.rounded is False and exact.labels_present == {0, 1, 2}
+    near = clean_mask(mask({(2, 2, 2): 1.9995}, np.float64), 3)  # rounded, not truncated
+    assert near.array[2, 2, 2] == 2 and near.labels_present == {0, 1, 2}
+    # an error of exactly the tolerance is still rounded; here it is the only source of label 0
+    edge = np.full((4, 6, 8), 0.001)
+    edge[1:3, 1:4, 1:5] = 1
+    at_tolerance = clean_mask(image(edge), 3)
+    assert at_tolerance.problems == [] and at_tolerance.labels_present == {0, 1}
+    assert at_tolerance.array.sum() == 2 * 3 * 4
     integers = clean_mask(mask({}, np.int16), 3)
-    assert integers.problems == [] and not integers.rounded and integers.labels_present == {0, 1}
+    assert integers.problems == [] and integers.rounded is False and integers.labels_present == {0, 1}
     assert integers.array.dtype == np.uint8
     beyond = clean_mask(mask({(1, 1, 1): 1.0011}, np.float64), 3)
     assert beyond.array is None and beyond.problems == [

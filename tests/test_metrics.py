@@ -51,6 +51,11 @@ def test_dice_of_offset_cubes_and_empty_conventions():
     assert dice(cube(), empty) == 0.0 and dice(empty, cube()) == 0.0
 
 
+def test_dice_counts_voxels_of_any_label_once():
+    """Label maps are masks of their non-zero voxels: a 2 counts once, like a 1."""
+    assert dice(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 0])) == pytest.approx(2 * 2 / (3 + 2))
+
+
 def test_hd95_and_nsd_of_parallel_plates_are_exact():
     # one-voxel plates three slices apart at 2 mm: every boundary point is exactly 6 mm from the other plate
     a, b = np.zeros((20, 30, 30), bool), np.zeros((20, 30, 30), bool)
@@ -129,8 +134,9 @@ def test_surface_metrics_of_one_empty_mask_and_without_monai_warnings():
 
 def test_segmentation_metrics_volumes_and_label1():
     truth = label_map(SHAPE, (8, 24, 32), (5, 12, 20), (8, 24, 40), (3, 5, 6))
-    pred = np.roll(truth, 1, axis=2)
+    pred = np.roll(truth, 2, axis=2)  # 1.4 mm: inside the default 2 mm tolerance, outside the 1 mm asked for
     result = segmentation_metrics(pred, truth, SPACING_ZYX, tolerance_mm=1.0)
+    assert result["nsd_pancreas"] < segmentation_metrics(pred, truth, SPACING_ZYX)["nsd_pancreas"] == 1.0
     voxel_ml = 2.0 * 0.7 * 0.7 / 1000
     for name, label in (("pancreas", truth > 0), ("lesion", truth == 2)):
         assert result[f"truth_{name}_ml"] == pytest.approx(label.sum() * voxel_ml)
@@ -236,6 +242,9 @@ def test_calibration_bins_are_upper_inclusive_and_cover_zero_to_one():
     assert result["ece"] == pytest.approx(expected) and result["n_bins"] == 10
     assert [b["count"] for b in calibration(np.array([0, 1, 0, 3, 0]), probabilities, n_bins=4)["bins"]] == \
         [1, 1, 1, 2]
+    rounded_up = np.array([[1.0000001, 0.0, 0.0], [0.5, 0.3, 0.2]])  # a CSV's rounding can pass 1
+    bins = calibration(np.array([0, 1]), rounded_up)["bins"]
+    assert bins[9]["count"] == 1 and bins[4]["count"] == 1 and sum(b["count"] for b in bins) == 2
 
 
 def test_classification_metrics_input_rules():
@@ -257,6 +266,29 @@ def test_classification_metrics_input_rules():
     assert len(by_width["confusion_matrix"]) == 4 and len(by_width["calibration"]["bins"]) == 10
     assert classification_metrics([0, 2], [1, 0])["class_names"] == ["subtype 0", "subtype 1", "subtype 2"]
     assert len(classification_metrics([0, 1], [1, 0], np.full((2, 2), 0.5), n_bins=3)["calibration"]["bins"]) == 3
+    # labels and probabilities as a CSV reader gives them (strings) mean the same numbers
+    as_text = classification_metrics(["0", "1", "2", "2"], ["0", "2", "2", "1"],
+                                     [["0.7", "0.2", "0.1"], ["0.1", "0.3", "0.6"], ["0.2", "0.2", "0.6"],
+                                      ["0.3", "0.4", "0.3"]])
+    as_numbers = classification_metrics([0, 1, 2, 2], [0, 2, 2, 1], [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6],
+                                                                      [0.2, 0.2, 0.6], [0.3, 0.4, 0.3]])
+    assert json.dumps(as_text) == json.dumps(as_numbers)
+    assert as_numbers["n_cases"] == 4 and [c["name"] for c in as_numbers["per_class"]] == \
+        ["subtype 0", "subtype 1", "subtype 2"]
+
+
+def test_averages_count_every_declared_class_and_never_predicted_ones_as_zero():
+    y_true, y_pred = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]  # subtype 2 present, never predicted; "d" never seen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zero_division is explicit: no undefined-metric warnings
+        result = classification_metrics(y_true, y_pred, class_names=["a", "b", "c", "d"])
+    assert result["per_class"][2]["precision"] == 0.0 and result["per_class"][3]["f1"] == 0.0
+    for average in ("macro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2, 3], average=average,
+                                                         zero_division=0)
+        assert (result[average]["precision"], result[average]["recall"], result[average]["f1"]) == \
+            pytest.approx((p, r, f))
+    assert result["macro"]["f1"] == pytest.approx((0.5 + 0.8 + 0 + 0) / 4)
 
 
 def test_auc_is_undefined_for_a_class_that_is_all_or_nothing():

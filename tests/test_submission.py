@@ -102,6 +102,9 @@ BROKEN = {
     "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz cannot be read"]),
     "nested": ({"extra/quiz_009.nii.gz": b"x"},
                ["files must be at the zip root, found in folders: ['extra/quiz_009.nii.gz']"]),
+    "many nested": ({f"extra/{i}.txt": b"x" for i in range(6)},  # the first five are named
+                    [f"files must be at the zip root, found in folders: {[f'extra/{i}.txt' for i in range(5)]}"]),
+    "folder entry": ({"docs/": b""}, []),  # a bare folder entry holds no file
 }
 
 
@@ -162,6 +165,23 @@ def test_extra_masks_other_subtype_counts_and_unusable_inputs(prediction, tmp_pa
     (tmp_path / "no_images").mkdir()
     assert check_submission(good, tmp_path / "no_images") == [
         f"{tmp_path / 'no_images'} holds no test images named <case>_0000.nii.gz"]
+
+
+def test_pack_writes_a_compressed_zip_through_a_hidden_temporary_file(prediction, tmp_path, monkeypatch):
+    images, preds = prediction
+    import nnunet_mtl.inference.submission as submission
+
+    renamed = []
+    original = submission.os.replace
+    monkeypatch.setattr(submission.os, "replace", lambda src, dst: renamed.append((Path(src), Path(dst))) or
+                        original(src, dst))
+    zip_path = tmp_path / "out" / "results.zip"
+    pack_submission(preds, zip_path)
+    ((temporary, final),) = renamed
+    assert final == zip_path and temporary.parent == zip_path.parent  # same folder: the rename is atomic
+    assert temporary.name.startswith(".results.zip") and temporary.name.endswith(".tmp")
+    with zipfile.ZipFile(zip_path) as zf:
+        assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_DEFLATED}
 
 
 def test_pack_takes_visible_masks_only_and_refuses_an_unfinished_folder(prediction, tmp_path):
