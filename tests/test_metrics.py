@@ -86,6 +86,24 @@ def test_surface_metrics_match_brute_force_on_ellipsoids():
         assert hd95 == pytest.approx(ref_hd95, rel=1e-4)
 
 
+def test_hd95_is_the_95th_percentile_of_a_spread_of_distances():
+    """A small cube with a 20-voxel spur: the spur's distances (0.7 to 14 mm) fill the top quarter, so the 95th
+    percentile is one of them and differs from its neighbours (boundary distances of plain shapes often tie)."""
+    truth = np.zeros((8, 8, 40), bool)
+    truth[2:6, 2:6, 2:6] = True
+    pred = truth.copy()
+    pred[3, 3, 6:26] = True
+    _, hd95 = surface_metrics(pred, truth, SPACING_ZYX)
+    _, reference = brute_force_surface(pred, truth, SPACING_ZYX, 2.0)
+    assert hd95 == pytest.approx(reference, rel=1e-4)
+    from scipy.ndimage import binary_erosion
+    from scipy.spatial import cKDTree
+
+    points = [np.argwhere(m & ~binary_erosion(m)) * np.asarray(SPACING_ZYX) for m in (pred, truth)]
+    distances = cKDTree(points[1]).query(points[0])[0]
+    assert abs(np.percentile(distances, 96) - hd95) > 0.1 and abs(np.percentile(distances, 94) - hd95) > 0.1
+
+
 def test_segmentation_metrics_labels_and_empty_lesion_conventions():
     truth = label_map(SHAPE, (8, 24, 32), (5, 12, 20), (8, 24, 40), (3, 5, 6))
     no_lesion = np.where(truth == 2, 1, truth).astype(np.uint8)
