@@ -7,8 +7,8 @@ whether the module reaches the bar (85 %). Only the subtype aggregation of infer
 test selection does not build. A surviving mutant whose name appears in docs/measurements-mutation.md is marked
 "explained" (an equivalent mutant, with its one-line reason there); it still counts as a survivor.
 
-Statuses: killed (a test failed), timeout and segfault (counted as killed: the mutant hung or crashed the tests), survived (every test
-passed), no tests (no selected test runs the function: counted as survived).
+Statuses: killed (a test failed), timeout and segfault (counted as killed: the mutant hung or crashed the tests),
+survived (every test passed), no tests (no selected test runs the function: counted as survived).
 
     python bench/mutation.py [--root .] [--bar 0.85] [--list-survivors]
 """
