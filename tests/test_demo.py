@@ -22,7 +22,9 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path, monk
     for name, bar in DEMO_BARS.items():  # each bar printed against the measured number, with its verdict
         score = summary["test_metrics"][name]
         assert f"demo bar {name} >= {bar}: {score:.3f} {'met' if score >= bar else 'NOT met'}" in out
-    assert set(summary["test_metrics"]) == {"whole_pancreas_dice", "lesion_dice", "accuracy", "macro_f1"}
+    assert set(summary["test_metrics"]) == {"whole_pancreas_dice", "lesion_dice", "accuracy", "macro_f1", "ece"}
+    ece = summary["test_metrics"]["ece"]
+    assert f"demo bar ece <= 0.1: {ece:.3f} {'met' if ece <= 0.1 else 'NOT met'}" in out
     assert summary["reused"] == []
     predictions = work / "demo_predictions"
     assert len(list(predictions.glob("quiz_*.nii.gz"))) == 3
