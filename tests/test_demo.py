@@ -61,7 +61,11 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path, monk
     predictions = work / "demo_predictions"
     summary = json.loads((work / "demo_summary.json").read_text())
     measured = scores_from_files(predictions, work / "phantom" / "test_groundtruth")
-    assert summary["test_metrics"] == pytest.approx(measured, abs=1e-4)
+    assert set(summary["test_metrics"]) == {*measured, "ece"}
+    assert {k: summary["test_metrics"][k] for k in measured} == pytest.approx(measured, abs=1e-4)
+    ece = summary["test_metrics"]["ece"]
+    assert 0.0 <= ece <= 1.0
+    assert f"demo bar ece <= 0.1: {ece:.3f} {'met' if ece <= 0.1 else 'NOT met'}" in out
     for name, bar in README_BARS.items():  # each bar printed against the measured number, with its verdict
         assert f"demo bar {name} >= {bar}: {measured[name]:.3f} {verdict(measured[name], bar)}" in out
     assert summary["reused"] == []

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from nnunet_mtl.cli import main
 from nnunet_mtl.cli import phantom as cli_phantom
@@ -284,3 +285,39 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_presets_match_generator() -> None:
     assert cli_phantom.PRESETS == tuple(phantom.PRESETS)
+
+
+def test_cli_sites_match_generator() -> None:
+    assert cli_phantom.SITES == tuple(phantom.SITES)
+
+
+def test_sites_differ_as_their_profiles_say() -> None:
+    """Measured on the images: site B's slices are 1.5x site A's with the field of view kept, its noise is higher,
+    its parenchyma enhances less and its hyper-enhancing lesions stand out less; other sites draw other patients."""
+    def draw(site: str, index: int) -> dict:
+        case = next(c for c in phantom.plan_cases("small", 3, (3, 3, 3), (1, 1, 1), 0, site=site)
+                    if c["subtype"] == 2 and c["split"] == "train" and c["seed"][-1] == index)
+        image, mask, _ = phantom.make_case(case["seed"], 2, "small", "medium", site)
+        hu = sitk.GetArrayFromImage(image).astype(float)
+        labels = np.rint(sitk.GetArrayFromImage(mask))
+        fat = (hu < -60) & (hu > -150) & (labels == 0)
+        return {"hu": hu, "z_spacing": image.GetSpacing()[2],
+                "fov_y": image.GetSize()[1] * image.GetSpacing()[1],
+                "noise": float(np.std((hu - ndimage.uniform_filter(hu, 5))[fat])),
+                "parenchyma": float(np.median(hu[labels == 1])),
+                "contrast": float(np.median(hu[labels == 2]) - np.median(hu[labels == 1]))}
+
+    site_a, site_b = [draw("A", i) for i in range(3)], [draw("B", i) for i in range(3)]
+    for a, b in zip(site_a, site_b):
+        assert a["hu"].shape != b["hu"].shape or not np.array_equal(a["hu"], b["hu"])  # other patients
+
+    def mean(cases: list[dict], key: str) -> float:
+        return float(np.mean([c[key] for c in cases]))
+
+    assert mean(site_b, "z_spacing") == pytest.approx(1.5 * mean(site_a, "z_spacing"), rel=0.25)
+    assert np.ptp([c["fov_y"] for c in site_a + site_b]) < 0.35 * mean(site_a + site_b, "fov_y")
+    assert mean(site_b, "noise") > mean(site_a, "noise")
+    assert mean(site_b, "parenchyma") < mean(site_a, "parenchyma")
+    assert mean(site_b, "contrast") < mean(site_a, "contrast")
+    with pytest.raises(ValueError, match="unknown site"):
+        phantom.make_case(0, 0, "small", site="Z")

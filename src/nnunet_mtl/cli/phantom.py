@@ -11,6 +11,7 @@ from nnunet_mtl.cli import CliError
 
 # Kept literal here so --help needs no numpy/SimpleITK; a test checks it matches the generator's presets.
 PRESETS = ("small", "full")
+SITES = ("A", "B", "C")
 
 EPILOG = """\
 writes OUT/:
@@ -29,8 +30,16 @@ presets:
   small  24-32 x 100-122 x 122-155 voxels, spacing ~[2.0, 1.05, 1.05] mm; default counts 15,25,20 / 3,5,4 / 36
   full   40-90 x 120-260 x 150-300 voxels, spacing ~[2.0, 0.75, 0.75] mm; the real counts 62,106,84 / 9,15,12 / 72
 
+sites (scanner, protocol and patient mix; train on one, test on another to see what carries over):
+  A  the default: 2 mm slices, standard kernel, portal-venous phase
+  B  3 mm slices, 0.8x pixel size, sharp kernel (more, finer noise), late phase (weaker enhancement), +0..12 HU;
+     less hypodense solid masses, mostly unilocular cysts, dimmer hyper-enhancing masses, 20 % atypical
+  C  1.5 mm slices, smooth kernel (less, coarser noise, more blur), early phase (stronger enhancement), -10..0 HU;
+     very hypodense rough solid masses, multilocular thick-walled cysts, very bright masses, 16 % atypical
+
 examples:
   nnunet-mtl phantom --out phantom_data --preview
+  nnunet-mtl phantom --out phantom_site_b --site B --test-cases 150
   nnunet-mtl phantom --out phantom_full --preset full --seed 3
 """
 
@@ -64,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="small",
                         help="crop size and default counts (default: small)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
+    parser.add_argument("--site", choices=SITES, default="A",
+                        help="scanner/protocol/patient-mix profile (default: A; see below)")
     parser.add_argument("--cases-per-subtype", type=_counts, metavar="A,B,C",
                         help="training cases of subtype 0,1,2 (default: the preset's, see below)")
     parser.add_argument("--val-per-subtype", type=_counts, metavar="A,B,C",
@@ -83,11 +94,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = generate_phantom_dataset(
             args.out, preset=args.preset, seed=args.seed, train_per_subtype=args.cases_per_subtype,
-            val_per_subtype=args.val_per_subtype, n_test=args.test_cases, preview=args.preview, force=args.force)
+            val_per_subtype=args.val_per_subtype, n_test=args.test_cases, preview=args.preview, force=args.force,
+            site=args.site)
     except (FileExistsError, ValueError) as e:
         raise CliError(str(e)) from e
     counts, volumes = summary["counts"], summary["lesion_volume_ml"]
-    print(f"wrote {summary['n_cases']} phantom cases ({summary['preset']}, seed {summary['seed']}) to "
+    print(f"wrote {summary['n_cases']} phantom cases ({summary['preset']}, site {summary['site']}, "
+          f"seed {summary['seed']}) to "
           f"{Path(args.out).resolve()} in {time.perf_counter() - started:.1f} s")
     print(f"  train {'/'.join(map(str, counts['train']))}, validation {'/'.join(map(str, counts['validation']))} "
           f"(subtype 0/1/2), test {counts['test']}")

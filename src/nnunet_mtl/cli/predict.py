@@ -12,7 +12,9 @@ writes into OUT:
   <case>.nii.gz               uint8 mask (0 background, 1 pancreas, 2 lesion), same size, spacing, origin and
                               direction as <case>_0000.nii.gz
   subtype_results.csv         header exactly Names,Subtype; rows like quiz_037.nii.gz,0
-  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (softmax, averaged over mirrors and folds)
+  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (calibrated; each fold's, averaged)
+  subtype_details.json        per case: every classifier variant's probabilities, the head's logits per fold,
+                              whether a lesion was found, its volume (ml) and its features
 
 modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
 and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only (README: measured
@@ -46,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "on the predicted lesion in the gland; lesion_weighted = tile logits weighted by their "
                              "predicted lesion volume; mean = plain mean over tiles (a fast-mode single pass uses "
                              "the lesion patch with any choice); folds count equally")
+    parser.add_argument("--classifier", choices=["cnn", "features", "fused"], default=None,
+                        help="which subtype opinion to write: cnn = the network's head, features = the linear model "
+                             "on the predicted lesion's radiomics, fused = both (log-probabilities weighted as the "
+                             "model's held-out cases chose), each calibrated; default: the model's "
+                             "(subtype_classifier.json; the head alone for models without one)")
     parser.add_argument("--largest-component", choices=["auto", "yes", "no"], default="auto",
                         help="keep only the largest connected pancreas component; auto = as the model's "
                              "validation decided (postprocessing.json in the model folder)")
@@ -74,8 +81,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from nnunet_mtl.training.run import resolve_device
 
     largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
-    mode = PredictionMode.fast(args.aggregation, largest_component=largest) if args.fast \
-        else PredictionMode(aggregation=args.aggregation, largest_component=largest)
+    mode = PredictionMode.fast(args.aggregation, largest_component=largest, classifier=args.classifier) if args.fast \
+        else PredictionMode(aggregation=args.aggregation, largest_component=largest, classifier=args.classifier)
     try:
         report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
                                 resolve_device(args.device), mode, overwrite=args.overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nnunet_mtl.cli import CliError, add_workdir_argument
 
@@ -42,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset id or name")
-    parser.add_argument("--fold", default="0", help="fold (0 = published train/validation split; 1-5 CV; all)")
+    parser.add_argument("--fold", nargs="+", default=["0"], metavar="FOLD",
+                        help="fold(s) (0 = published train/validation split; 1-5 cross-validation; all). Several "
+                             "folds train in turn and the subtype classifier is fitted on their out-of-fold "
+                             "predictions, e.g. --fold 1 2 3 4 5")
     parser.add_argument("--plans", default="default",
                         help="default | resenc-m | demo, or a plans identifier (default: default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -84,6 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="on CPU, run the forward pass under bfloat16 autocast: about 1.6x faster per step "
                              "on CPUs with AVX512-BF16 or AMX; steps with non-finite gradients are skipped "
                              "(default no)")
+    group.add_argument("--feature-model", choices=["lda", "logistic"], dest="feature_model_kind",
+                       help="linear model of the subtype classifier's feature branch: shrinkage LDA (default) or "
+                            "logistic regression (C by cross-validation)")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations (default 1)")
     group.add_argument("--final-validation-fast", type=_bool, metavar="yes|no",
@@ -92,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validation", action="store_true", help="skip the final validation-fold prediction")
     add_workdir_argument(parser)
     parser.set_defaults(func=run)
+    register_fit_classifier(subparsers)
     register_ext_trainer_path(subparsers)
 
 
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from nnunet_mtl import paths
 
     paths.configure(args.workdir)
-    from nnunet_mtl.training.run import TrainSettings, train
+    from nnunet_mtl.training.run import TrainSettings, train_folds
 
     settings = TrainSettings(
         epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations,
@@ -111,13 +119,55 @@ def run(args: argparse.Namespace) -> int:
         final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
         attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
-        mirror_augmentation=args.mirror_augmentation, max_rotation_degrees=args.max_rotation_degrees)
+        mirror_augmentation=args.mirror_augmentation, max_rotation_degrees=args.max_rotation_degrees,
+        feature_model_kind=args.feature_model_kind)
     try:
-        result = train(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
-                       initial_weights=args.initial_weights, validate=not args.no_validation)
+        result = train_folds(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
+                             initial_weights=args.initial_weights, validate=not args.no_validation)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise CliError(str(e)) from None
     print(f"model folder: {result['model_folder']}")
+    return 0
+
+
+def register_fit_classifier(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fit-classifier", help="refit a trained model's subtype classifier from its stored per-case records",
+        description="Fits the feature model, the temperatures and the fusion weight again from the records the "
+                    "folds wrote (fold_<k>/subtype_records.json), without predicting again, and rewrites "
+                    "subtype_classifier.json in the model folder. Out-of-fold when several cross-validation folds "
+                    "are there, else from one fold's training and validation cases.",
+        epilog="example:\n  nnunet-mtl fit-classifier work/nnUNet_results/Dataset501_Pancreas/"
+               "nnUNetTrainerMTL__nnUNetPlans_MTLdemo__3d_fullres --feature-model logistic",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="trained model folder")
+    parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds whose records to use (default: all)")
+    parser.add_argument("--feature-model", choices=["lda", "logistic"], default="lda")
+    parser.set_defaults(func=run_fit_classifier)
+
+
+def run_fit_classifier(args: argparse.Namespace) -> int:
+    import json
+
+    from nnunet_mtl.training.subtype_fit import fit_from_model_folder
+
+    dataset_json = args.model / "dataset.json"
+    if not dataset_json.is_file():
+        raise CliError(f"{args.model} is not a trained model folder (no dataset.json)")
+    names = json.loads(dataset_json.read_text()).get("subtype_names")
+    if not names:
+        raise CliError(f"{dataset_json} has no subtype_names")
+    try:
+        classifier = fit_from_model_folder(args.model, [names[str(i)] for i in range(len(names))], args.folds,
+                                           args.feature_model)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    path = classifier.save(args.model)
+    print(f"wrote {path}\n{json.dumps(classifier.provenance, indent=1)}")
+    for variant, numbers in classifier.validation.items():
+        if numbers:
+            print(f"held-out {variant:<19} " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in numbers.items()))
     return 0
 
 
@@ -131,8 +181,6 @@ def register_ext_trainer_path(subparsers: argparse._SubParsersAction) -> None:
 
 
 def ext_trainer_path() -> str:
-    from pathlib import Path
-
     import nnunet_mtl
 
     return str(Path(nnunet_mtl.__file__).parent / "nnunet_ext")

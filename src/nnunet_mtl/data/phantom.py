@@ -23,6 +23,7 @@ subtype, as a real split would be, rather than drawn case by case.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -75,6 +76,55 @@ PRESETS = {
     # Real crop sizes and spacing (pixel spacing = a 340-430 mm reconstruction field over 512 pixels).
     "full": Preset("full", (40, 120, 150), (90, 260, 300), (1.75, 2.5), (340 / 512, 430 / 512), REAL_TRAIN,
                    REAL_VALIDATION, REAL_TEST),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A scanner and protocol profile, plus the lesion appearance mixture of its population.
+
+    Sites exist to test whether a classifier carries over to data it was not built on: train on one, test on
+    another. Each field changes a range the drawing samples from (site A's values are the original generator's, so
+    site A reproduces earlier phantoms exactly); B and C differ in every way a real second hospital would: slice
+    thickness and pixel size (the field of view is kept), reconstruction kernel (noise level and grain, blur),
+    contrast timing (all enhancement scaled by tens of HU), a HU calibration offset, and which lesion appearances
+    its patients bring (how hypodense solid masses are, cyst content and septa, how bright hyper-enhancing masses
+    are, the atypical share).
+    """
+
+    name: str
+    z_scale: float = 1.0  # slice spacing relative to the preset's (the field of view is kept)
+    xy_scale: float = 1.0  # pixel spacing relative to the preset's
+    noise_scale: float = 1.0  # noise SD relative to site A
+    noise_grain: float = 0.7  # in-plane noise correlation, sigma of the filter in voxels: the kernel's grain
+    blur_scale: float = 1.0  # point-spread sigma relative to site A (sharp kernel < 1 < smooth kernel)
+    contrast: tuple[float, float] = (0.85, 1.15)  # enhancement scale (contrast timing)
+    hu_offset: tuple[float, float] = (0.0, 0.0)  # scanner HU calibration offset
+    solid_enhancement: tuple[float, float] = (5.0, 28.0)  # subtype 0 enhancement (parenchyma: 60-85)
+    solid_irregularity: float = 0.22  # subtype 0 outline roughness (fraction of the radius)
+    cyst_fluid_hu: tuple[float, float] = (0.0, 18.0)
+    cyst_locules: tuple[float, float, float] = (0.4, 0.35, 0.25)  # P(0, 1, 2 daughter locules) of larger cysts
+    cyst_wall_mm: tuple[float, float] = (0.5, 0.9)
+    hyper_enhancement: tuple[float, float] = (115.0, 165.0)  # subtype 2 enhancement
+    atypical_fraction: float = ATYPICAL_FRACTION
+
+
+SITES = {
+    "A": Site("A"),
+    # Thick slices, thin pixels, a sharp kernel (more, finer-grained noise, less blur), a late venous phase (weaker
+    # enhancement), +0..12 HU calibration; its solid masses are less hypodense, its cysts mostly unilocular with a
+    # little more protein, its hyper-enhancing masses dimmer, and more of its lesions atypical.
+    "B": Site("B", z_scale=1.5, xy_scale=0.82, noise_scale=1.35, noise_grain=0.45, blur_scale=0.7,
+              contrast=(0.62, 0.88), hu_offset=(0.0, 12.0), solid_enhancement=(14.0, 38.0), solid_irregularity=0.14,
+              cyst_fluid_hu=(4.0, 24.0), cyst_locules=(0.65, 0.25, 0.10), cyst_wall_mm=(0.4, 0.7),
+              hyper_enhancement=(88.0, 140.0), atypical_fraction=0.20),
+    # Thin slices, a smooth kernel (less, coarser noise, more blur), an early (pancreatic) phase with strong
+    # enhancement, -10..0 HU calibration; very hypodense, rough solid masses, clear multilocular cysts with thick
+    # walls, very bright hyper-enhancing masses.
+    "C": Site("C", z_scale=0.75, xy_scale=1.0, noise_scale=0.8, noise_grain=1.1, blur_scale=1.4,
+              contrast=(1.08, 1.38), hu_offset=(-10.0, 0.0), solid_enhancement=(0.0, 22.0), solid_irregularity=0.3,
+              cyst_fluid_hu=(0.0, 12.0), cyst_locules=(0.2, 0.4, 0.4), cyst_wall_mm=(0.8, 1.3),
+              hyper_enhancement=(130.0, 185.0), atypical_fraction=0.16),
 }
 
 
@@ -207,21 +257,23 @@ def _rotation(rng: np.random.Generator, max_degrees: float = 180.0) -> np.ndarra
 # --------------------------------------------------------------------------------------------------- anatomy
 
 
-def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset,
-               size_class: str | None = None) -> tuple[_Canvas, dict[str, Any]]:
+def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset, size_class: str | None = None,
+               site: Site = SITES["A"]) -> tuple[_Canvas, dict[str, Any]]:
     """Draw one case on a canvas (clean HU before blur and noise, final labels) and return its facts."""
     lo, hi = np.array(preset.shape_lo), np.array(preset.shape_hi)
     ny = int(rng.integers(lo[1], hi[1] + 1))
     nx = int(np.clip(round(ny * rng.uniform(1.0, 1.3)), lo[2], hi[2]))
-    shape = (int(rng.integers(lo[0], hi[0] + 1)), ny, nx)
-    sz = float(rng.choice([2.0, rng.uniform(*preset.spacing_z)], p=[0.6, 0.4]))
-    sxy = float(rng.uniform(*preset.spacing_xy))
+    nz = int(rng.integers(lo[0], hi[0] + 1))
+    # A site's spacing changes the voxel counts, not the field of view (the crop is cut around the same anatomy).
+    shape = (int(round(nz / site.z_scale)), int(round(ny / site.xy_scale)), int(round(nx / site.xy_scale)))
+    sz = float(rng.choice([2.0, rng.uniform(*preset.spacing_z)], p=[0.6, 0.4])) * site.z_scale
+    sxy = float(rng.uniform(*preset.spacing_xy)) * site.xy_scale
     spacing = (round(sz, 4), round(sxy, 6), round(sxy, 6))
     cv = _Canvas(shape, spacing)
     hz, hy, hx = cv.half
     # Anatomy scale: the crop is cut around the pancreas, so a ~150 mm gland spans most of its width.
     s = float(np.clip(min(hx / 90.0, hy / 70.0), 0.5, 1.25))
-    c = rng.uniform(0.85, 1.15)  # contrast timing: scales all enhancement together, as in a real scan
+    c = rng.uniform(*site.contrast)  # contrast timing: scales all enhancement together, as in a real scan
 
     def enh(e: float) -> float:  # unenhanced soft tissue ~40 HU plus contrast enhancement
         return 40.0 + c * e
@@ -378,7 +430,7 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset,
             cv.label[box][sd < 0] = 0
 
     lesion = _draw_lesion(rng, cv, subtype, size_class, pts, np.interp(np.linspace(0, 1, len(pts)), tt, pr),
-                          t_lesion, s, parenchyma, enh)
+                          t_lesion, s, parenchyma, enh, site)
     # Lobulation and vessel carving leave specks of label 1 around the gland: keep the gland and the lesion.
     parts, n = ndimage.label(cv.label > 0)
     if n > 1:
@@ -396,9 +448,9 @@ def _draw_case(rng: np.random.Generator, subtype: int, preset: Preset,
 
 def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class: str | None, pts: np.ndarray,
                  radius: np.ndarray, t_lesion: float, s: float, parenchyma: float,
-                 enh: Callable[[float], float]) -> dict[str, Any]:
+                 enh: Callable[[float], float], site: Site = SITES["A"]) -> dict[str, Any]:
     """Paint the lesion (label 2, overriding everything) at ``t_lesion`` along the pancreas centre line."""
-    atypical = bool(rng.random() < ATYPICAL_FRACTION)
+    atypical = bool(rng.random() < site.atypical_fraction)
     drawn_class = str(rng.choice(SIZE_CLASSES, p=SIZE_SHARES))  # drawn either way: the anatomy drawn so far stays
     size_class = drawn_class if size_class is None else size_class
     median = {0: 12.0, 1: 13.0, 2: 9.0}[subtype]
@@ -420,9 +472,9 @@ def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class
     texture = _noise(rng, cv, box, max(2.0, 0.3 * r_eq))
     facts: dict[str, Any] = {"atypical": atypical, "size_class": str(size_class), "radius_mm": round(r_eq, 2)}
     if subtype == 0:
-        sd = sd - np.float32(0.22 * r_eq) * _noise(rng, cv, box, 0.5 * r_eq) \
+        sd = sd - np.float32(site.solid_irregularity * r_eq) * _noise(rng, cv, box, 0.5 * r_eq) \
             - np.float32(0.08 * r_eq) * _noise(rng, cv, box, 0.2 * r_eq)
-        value = enh(rng.uniform(5, 28)) + rng.uniform(8, 15) * texture
+        value = enh(rng.uniform(*site.solid_enhancement)) + rng.uniform(8, 15) * texture
         if atypical and rng.random() < 0.5:  # iso-attenuating: hard to see, as some real tumours are
             value = value + (parenchyma - 15 - enh(16))
             facts["variant"] = "iso-attenuating"
@@ -433,7 +485,7 @@ def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class
     elif subtype == 1:
         seeds = [np.asarray(center)]
         # Septa need room: a small cyst (radius under ~6 mm) is unilocular.
-        locules = int(rng.choice(3, p=[0.4, 0.35, 0.25])) if r_eq > 6 else 0
+        locules = int(rng.choice(3, p=list(site.cyst_locules))) if r_eq > 6 else 0
         for _ in range(locules):  # daughter locules: a lobulated, multilocular outline
             offset = rng.normal(size=3)
             seed = center + offset / np.linalg.norm(offset) * rng.uniform(0.5, 0.9) * r_eq
@@ -447,9 +499,9 @@ def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class
             seed = center + rng.normal(0, 0.4 * r_eq, 3)
             if min(np.linalg.norm(seed - other) for other in seeds) > 0.35 * r_eq:  # no sliver locules
                 seeds.append(seed)
-        fluid = rng.uniform(0, 18)
+        fluid = rng.uniform(*site.cyst_fluid_hu)
         wall = enh(rng.uniform(20, 45))
-        thickness = rng.uniform(0.5, 0.9)
+        thickness = rng.uniform(*site.cyst_wall_mm)
         if atypical:  # proteinaceous or haemorrhagic content, thicker septa
             fluid, thickness = rng.uniform(20, 35), rng.uniform(1.2, 1.8)
             facts["variant"] = "proteinaceous"
@@ -461,9 +513,9 @@ def _draw_lesion(rng: np.random.Generator, cv: _Canvas, subtype: int, size_class
         facts["locules"] = len(seeds)
     else:
         sd = sd - np.float32(0.04 * r_eq) * _noise(rng, cv, box, 0.6 * r_eq)
-        value = enh(rng.uniform(115, 165)) + rng.uniform(6, 12) * texture
+        value = enh(rng.uniform(*site.hyper_enhancement)) + rng.uniform(6, 12) * texture
         if atypical and (rng.random() < 0.5 or r_eq < 8 * s):  # weakly enhancing: close to parenchyma
-            value = value - enh(rng.uniform(115, 165)) + enh(rng.uniform(60, 85))
+            value = value - enh(rng.uniform(*site.hyper_enhancement)) + enh(rng.uniform(60, 85))
             facts["variant"] = "weakly enhancing"
         elif atypical:  # cystic degeneration: an enhancing rim around fluid, mimicking a cyst
             value = np.where(sd < -rng.uniform(0.2, 0.35) * r_eq, rng.uniform(10, 30), value)
@@ -503,25 +555,29 @@ def _resample_sd(cv: _Canvas, shape_sd: tuple[tuple[slice, slice, slice], np.nda
 
 
 def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: int, preset: str | Preset = "small",
-              size_class: str | None = None) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
+              size_class: str | None = None, site: str | Site = "A") -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
     """One phantom case: int16 CT image, mask (uint8, or float32 with the real data's 1.0000152587890625 quirk)
     sharing its geometry exactly, and facts measured on what is returned (lesion volume, mean lesion HU...).
 
-    ``size_class`` (tiny, medium, large) fixes the lesion's size class; None draws it (shares ``SIZE_SHARES``)."""
+    ``size_class`` (tiny, medium, large) fixes the lesion's size class; None draws it (shares ``SIZE_SHARES``).
+    ``site`` (a name of ``SITES`` or a :class:`Site`) sets the scanner, protocol and lesion mixture."""
     if subtype not in SUBTYPES:
         raise ValueError(f"subtype must be one of {SUBTYPES}, got {subtype!r}")
     if size_class is not None and size_class not in SIZE_CLASSES:
         raise ValueError(f"size_class must be one of {SIZE_CLASSES} or None, got {size_class!r}")
-    preset = _preset(preset)
+    preset, site = _preset(preset), _site(site)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
-    cv, facts = _draw_case(rng, subtype, preset, size_class)
+    cv, facts = _draw_case(rng, subtype, preset, size_class, site)
     # Partial volume: the scanner's point spread, wider along z (slice profile) than in-plane.
-    sigma_xy = rng.uniform(0.3, 0.5)
+    sigma_xy = rng.uniform(0.3, 0.5) * site.blur_scale
     hu = ndimage.gaussian_filter(cv.hu, (rng.uniform(0.35, 0.6), sigma_xy, sigma_xy), mode="nearest")
     # CT noise is correlated in-plane (reconstruction kernel): filter white noise, then set its level.
-    noise_sd = rng.uniform(10, 25) * preset.noise_scale
-    noise = ndimage.gaussian_filter(rng.standard_normal(cv.shape, dtype=np.float32), (0, 0.7, 0.7))
+    noise_sd = rng.uniform(10, 25) * preset.noise_scale * site.noise_scale
+    grain = site.noise_grain
+    noise = ndimage.gaussian_filter(rng.standard_normal(cv.shape, dtype=np.float32), (0, grain, grain))
     hu += noise * np.float32(noise_sd / noise.std())
+    if site.hu_offset != (0.0, 0.0):  # drawn only for such sites, so site A's random stream stays as it was
+        hu += np.float32(rng.uniform(*site.hu_offset))
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
     quirk = bool(rng.random() < QUIRK_FRACTION)
@@ -543,7 +599,7 @@ def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: i
     lesion, pancreas = cv.label == 2, cv.label == 1
     voxel_ml = float(np.prod(cv.spacing)) / 1000.0
     lesion_hu = image[lesion].astype(np.float64)
-    facts = {"subtype": int(subtype), "preset": preset.name, "shape_zyx": list(cv.shape),
+    facts = {"subtype": int(subtype), "preset": preset.name, "site": site.name, "shape_zyx": list(cv.shape),
              "spacing_zyx": list(cv.spacing), "lesion_voxels": int(lesion.sum()),
              "lesion_volume_ml": round(float(lesion.sum()) * voxel_ml, 4),
              "lesion_diameter_mm": round(float(np.cbrt(6 * lesion.sum() * voxel_ml * 1000 / np.pi)), 2),
@@ -554,6 +610,14 @@ def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: i
              "noise_sd_hu": round(float(noise_sd), 1), "float_mask_quirk": quirk, "flipped_direction": flipped,
              **facts}
     return images[0], images[1], facts
+
+
+def _site(site: str | Site) -> Site:
+    if isinstance(site, Site):
+        return site
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
+    return SITES[site]
 
 
 def _preset(preset: str | Preset) -> Preset:
@@ -604,11 +668,15 @@ def _counts(name: str, value: Sequence[int] | None, default: tuple[int, int, int
 
 
 def plan_cases(preset: str | Preset = "small", seed: int = 0, train_per_subtype: Sequence[int] | None = None,
-               val_per_subtype: Sequence[int] | None = None, n_test: int | None = None) -> list[dict[str, Any]]:
+               val_per_subtype: Sequence[int] | None = None, n_test: int | None = None,
+               site: str | Site = "A") -> list[dict[str, Any]]:
     """Which cases the dataset holds: split, subtype, the per-case seed, the lesion size class and the file names.
 
-    Ids are a seeded permutation over the whole dataset, so the id tells nothing about the split or subtype."""
-    preset = _preset(preset)
+    Ids are a seeded permutation over the whole dataset, so the id tells nothing about the split or subtype. Sites
+    other than A draw other patients (their seeds carry the site), so a cross-site test shares no case."""
+    preset, site = _preset(preset), _site(site)
+    # site A keeps the original seeds; another site's seeds start with its own key
+    head = [seed] if site.name == "A" else [seed, 100 + list(SITES).index(site.name)]
     train = _counts("train", train_per_subtype, preset.train)
     val = _counts("validation", val_per_subtype, preset.validation)
     n_test = preset.test if n_test is None else int(n_test)
@@ -617,16 +685,16 @@ def plan_cases(preset: str | Preset = "small", seed: int = 0, train_per_subtype:
     total = sum(train) + sum(val) + n_test
     if total > MAX_CASES:
         raise ValueError(f"at most {MAX_CASES} cases (three-digit ids), asked for {total}")
-    cases = [{"split": split, "subtype": k, "seed": [seed, code, k, i]}
+    cases = [{"split": split, "subtype": k, "seed": [*head, code, k, i]}
              for code, (split, counts) in enumerate((("train", train), ("validation", val)))
              for k in SUBTYPES for i in range(counts[k])]
     seen = dict.fromkeys(SUBTYPES, 0)
-    for k in _test_subtypes(n_test, np.random.default_rng([seed, 2])):
-        cases.append({"split": "test", "subtype": k, "seed": [seed, 2, k, seen[k]]})
+    for k in _test_subtypes(n_test, np.random.default_rng([*head, 2])):
+        cases.append({"split": "test", "subtype": k, "seed": [*head, 2, k, seen[k]]})
         seen[k] += 1
     for case in cases:
         case["size_class"] = _size_class(case["seed"])
-    for case, number in zip(cases, np.random.default_rng([seed, 3]).permutation(total)):
+    for case, number in zip(cases, np.random.default_rng([*head, 3]).permutation(total)):
         if case["split"] == "test":
             case["name"] = f"quiz_{number:03d}"
             case["image"] = f"test/{case['name']}_0000.nii.gz"
@@ -645,7 +713,8 @@ def plan_cases(preset: str | Preset = "small", seed: int = 0, train_per_subtype:
 def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", seed: int = 0,
                              train_per_subtype: Sequence[int] | None = None,
                              val_per_subtype: Sequence[int] | None = None, n_test: int | None = None,
-                             preview: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+                             preview: bool = False, force: bool = False, progress: bool = True,
+                             site: str = "A") -> dict[str, Any]:
     """Write a phantom dataset in the published layout and return the summary also written to phantom.json.
 
     Built in a hidden sibling folder and renamed at the end, so ``out_dir`` never holds a half-written dataset.
@@ -654,7 +723,7 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
     from tqdm import tqdm
 
     out = Path(out_dir).resolve()
-    cases = plan_cases(preset, seed, train_per_subtype, val_per_subtype, n_test)
+    cases = plan_cases(preset, seed, train_per_subtype, val_per_subtype, n_test, site)
     _check_target(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -662,7 +731,7 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
     try:
         shown: dict[int, tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
         for case in tqdm(cases, desc="phantom", unit="case", disable=not progress):
-            image, mask, facts = make_case(case["seed"], case["subtype"], preset, case["size_class"])
+            image, mask, facts = make_case(case["seed"], case["subtype"], preset, case["size_class"], site)
             for key, img in (("image", image), ("mask", mask)):
                 (tmp / case[key]).parent.mkdir(parents=True, exist_ok=True)
                 sitk.WriteImage(img, str(tmp / case[key]), useCompression=True)
@@ -677,7 +746,7 @@ def generate_phantom_dataset(out_dir: str | os.PathLike, preset: str = "small", 
                 writer.writerow(["Names", "Subtype"])
                 writer.writerows([f"{c['name']}.nii.gz", c["subtype"]] for c in sorted(test, key=lambda c: c["name"]))
         previews = [_preview(tmp / "preview", *shown[k]) for k in sorted(shown)]
-        summary = _summary(_preset(preset), seed, cases, previews)
+        summary = _summary(_preset(preset), seed, cases, previews, _site(site))
         (tmp / "phantom.json").write_text(json.dumps(summary, indent=1) + "\n")
         _replace(tmp, out)
     except BaseException:
@@ -711,13 +780,15 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: list[str]) -> dict[str, Any]:
+def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: list[str],
+             site: Site = SITES["A"]) -> dict[str, Any]:
     """Everything but timings, so the same seed gives the same phantom.json too."""
     def counts(split: str) -> list[int]:
         return [sum(c["split"] == split and c["subtype"] == k for c in cases) for k in SUBTYPES]
 
     volumes = [c["lesion_volume_ml"] for c in cases]
-    return {"generator": f"nnunet-mtl {__version__} phantom", "preset": preset.name, "seed": seed,
+    return {"generator": f"nnunet-mtl {__version__} phantom", "preset": preset.name, "site": site.name,
+            "site_profile": dataclasses.asdict(site), "seed": seed,
             "counts": {"train": counts("train"), "validation": counts("validation"),
                        "test": sum(c["split"] == "test" for c in cases)},
             "n_cases": len(cases), "float_mask_quirk_cases": sum(c["float_mask_quirk"] for c in cases),

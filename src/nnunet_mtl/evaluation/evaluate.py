@@ -411,10 +411,13 @@ def format_summary(summary: dict) -> str:
 
 
 def headline(metrics: dict) -> dict[str, float]:
-    """The task's case-level numbers in one line: whole-pancreas Dice, lesion Dice, accuracy, macro-F1."""
+    """The task's case-level numbers in one line: whole-pancreas Dice, lesion Dice, accuracy, macro-F1, and the
+    subtype's expected calibration error when probabilities were given."""
     segmentation, classification = metrics["segmentation"], metrics.get("classification") or {}
     numbers = {"whole_pancreas_dice": segmentation["dice_pancreas"]["mean"],
                "lesion_dice": segmentation["dice_lesion"]["mean"]}
     if classification:
         numbers.update(accuracy=classification["accuracy"], macro_f1=classification["macro"]["f1"])
+        if classification.get("calibration"):
+            numbers["ece"] = classification["calibration"]["ece"]
     return {k: round(float(v), 4) for k, v in numbers.items()}

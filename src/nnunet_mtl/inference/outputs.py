@@ -1,12 +1,14 @@
-"""The task's output files: ``subtype_results.csv`` (header exactly ``Names,Subtype``) and per-class probabilities.
+"""The task's output files: ``subtype_results.csv`` (header exactly ``Names,Subtype``), per-class probabilities,
+and ``subtype_details.json`` (every classifier variant, the lesion the subtype describes and its features).
 
-Both are rewritten whole (temporary name, then rename) after each case, so an interrupted run leaves valid files
+All are rewritten whole (temporary name, then rename) after each case, so an interrupted run leaves valid files
 that list exactly the finished cases.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 
 SUBTYPE_CSV = "subtype_results.csv"
 PROBABILITY_CSV = "subtype_probabilities.csv"
+DETAILS_JSON = "subtype_details.json"
 MASK_ENDING = ".nii.gz"
 
 
@@ -24,8 +27,24 @@ def write_atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_subtype_tables(out_dir: Path, probabilities: Mapping[str, np.ndarray]) -> None:
-    """Write both tables for the cases given (case id -> class probabilities), sorted by case id."""
+def case_details(subtype) -> dict:
+    """The JSON-ready record of a :class:`~nnunet_mtl.inference.subtype.CaseSubtype`."""
+    variants = {k: [float(x) for x in v] for k, v in subtype.variants.items()}
+    return {"variant": subtype.variant, "probabilities": variants,
+            "fold_logits": None if subtype.fold_logits is None else np.asarray(subtype.fold_logits).tolist(),
+            "lesion_found": subtype.lesion_found, "lesion_ml": round(float(subtype.lesion_ml), 5),
+            "features": subtype.features}
+
+
+def read_details(out_dir: Path) -> dict[str, dict]:
+    path = out_dir / DETAILS_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_subtype_tables(out_dir: Path, probabilities: Mapping[str, np.ndarray],
+                         details: Mapping[str, dict] | None = None) -> None:
+    """Write both tables for the cases given (case id -> class probabilities), sorted by case id, and the details
+    when given."""
     cases = sorted(probabilities)
     n_classes = len(next(iter(probabilities.values()))) if cases else 0
     results = ["Names,Subtype"] + [f"{c}{MASK_ENDING},{int(np.argmax(probabilities[c]))}" for c in cases]
@@ -36,6 +55,8 @@ def write_subtype_tables(out_dir: Path, probabilities: Mapping[str, np.ndarray])
         rows.append(",".join([f"{c}{MASK_ENDING}", str(int(np.argmax(p)))] + [f"{float(v):.6f}" for v in p]))
     write_atomic_text(out_dir / SUBTYPE_CSV, "\n".join(results) + "\n")
     write_atomic_text(out_dir / PROBABILITY_CSV, "\n".join(rows) + "\n")
+    if details is not None:
+        write_atomic_text(out_dir / DETAILS_JSON, json.dumps({c: details[c] for c in sorted(details)}) + "\n")
 
 
 def read_probability_table(out_dir: Path) -> dict[str, np.ndarray]:

@@ -16,9 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_mtl.inference.outputs import MASK_ENDING, read_probability_table, write_subtype_tables
+from nnunet_mtl.inference.outputs import (
+    MASK_ENDING,
+    case_details,
+    read_details,
+    read_probability_table,
+    write_subtype_tables,
+)
 from nnunet_mtl.inference.postprocessing import keep_largest_component, read_decision
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.inference.subtype import CaseSubtype, describe_case
+from nnunet_mtl.model.subtype_classifier import load_classifier
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -40,12 +48,13 @@ class PredictionMode:
     aggregation: str = "lesion_tile"
     classify: bool = True  # False: segmentation only (the head is not run; no subtype tables)
     largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
+    classifier: str | None = None  # cnn | features | fused; None: the model's default (subtype_classifier.json)
 
     @classmethod
-    def fast(cls, aggregation: str = "lesion_tile", classify: bool = True,
-             largest_component: bool | None = None) -> PredictionMode:
+    def fast(cls, aggregation: str = "lesion_tile", classify: bool = True, largest_component: bool | None = None,
+             classifier: str | None = None) -> PredictionMode:
         return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
-                   classify=classify, largest_component=largest_component)
+                   classify=classify, largest_component=largest_component, classifier=classifier)
 
 
 @dataclass
@@ -135,19 +144,30 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
                                    channels_last=mode.channels_last)
     predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     "nnUNetTrainerMTL", tuple(mirror_axes) if mirror_axes is not None else None)
+    predictor.subtype_classifier = load_classifier(model_dir) if mode.classify else None
+    predictor.classifier_variant = mode.classifier
+    if mode.classifier in ("features", "fused") and (predictor.subtype_classifier is None
+                                                     or predictor.subtype_classifier.feature_model is None):
+        raise InputError(f"{model_dir} has no fitted feature classifier (subtype_classifier.json): "
+                         f"--classifier {mode.classifier} needs one; use --classifier cnn, or refit with "
+                         "`nnunet-mtl fit-classifier`")
     return predictor
 
 
 def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str,
-                 keep_largest: bool = False) -> np.ndarray | None:
-    """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype probabilities (None
-    when the predictor runs segmentation only)."""
+                 keep_largest: bool = False) -> CaseSubtype | None:
+    """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype (None when the
+    predictor runs segmentation only)."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     preprocessor = cm.preprocessor_class(verbose=False)
     data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+    subtype = None
+    if predictor.last_fold_logits is not None:
+        subtype = describe_case(predictor.last_fold_logits, data, logits.argmax(0).numpy(), cm.spacing, pm, cm,
+                                predictor.subtype_classifier, predictor.classifier_variant)
     segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, predictor.label_manager, properties, return_probabilities=False)
     if keep_largest:
@@ -155,7 +175,7 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
     tmp = output_dir / f".{case}.tmp{MASK_ENDING}"
     pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
     os.replace(tmp, output_dir / f"{case}{MASK_ENDING}")
-    return predictor.last_subtype_probabilities
+    return subtype
 
 
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
@@ -173,6 +193,7 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
     probabilities = {} if overwrite else read_probability_table(output_dir)
+    details = {} if overwrite else {c: d for c, d in read_details(output_dir).items() if c in probabilities}
     report = PredictionReport()
     bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
     for case, image_file in bar:
@@ -183,14 +204,16 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
         start = time.perf_counter()
         try:
             check_image(image_file)
-            case_probabilities = predict_case(predictor, image_file, output_dir, case, keep_largest)
+            subtype = predict_case(predictor, image_file, output_dir, case, keep_largest)
         except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
             report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
             probabilities.pop(case, None)
+            details.pop(case, None)
             continue
         report.seconds_per_case[case] = time.perf_counter() - start
         report.predicted.append(case)
-        if case_probabilities is not None:
-            probabilities[case] = case_probabilities
-            write_subtype_tables(output_dir, probabilities)
+        if subtype is not None:
+            probabilities[case] = subtype.probabilities
+            details[case] = case_details(subtype)
+            write_subtype_tables(output_dir, probabilities, details)
     return report

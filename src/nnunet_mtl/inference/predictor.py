@@ -27,29 +27,18 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
-from scipy import ndimage
+
+from nnunet_mtl.model.lesion_features import select_lesion
+from nnunet_mtl.model.subtype_classifier import SubtypeClassifier
 
 AGGREGATIONS = ("lesion_tile", "lesion_weighted", "mean")
 
 
 def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
-    """Voxel centre of the lesion to classify: the largest lesion component inside the largest foreground component.
-
-    The lesion lies in the pancreas. A false lesion in a bowel loop or vessel away from the gland can be larger than
-    the true one (measured on a demo model: quiz_104's subtype came from a 2723-voxel blob outside the gland, not
-    from its 2492-voxel lesion), and the keep-largest-component postprocessing drops it from the mask anyway. Falls
-    back to the largest lesion component anywhere; None without a predicted lesion.
-    """
-    lesion = labels == lesion_label
-    if not lesion.any():
-        return None
-    touching = np.ones((3,) * labels.ndim, bool)  # 26-connectivity, as nnU-Net's largest-component postprocessing
-    foreground, _ = ndimage.label(labels > 0, touching)
-    largest_foreground = np.argmax(np.bincount(foreground.ravel())[1:]) + 1
-    in_gland = lesion & (foreground == largest_foreground)
-    components, _ = ndimage.label(in_gland if in_gland.any() else lesion, touching)
-    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
-    return np.round(np.mean(np.nonzero(components == largest), axis=1)).astype(int)
+    """Voxel centre of the lesion to classify (:func:`~nnunet_mtl.model.lesion_features.select_lesion`: the largest
+    lesion component inside the largest foreground component); None without a predicted lesion."""
+    lesion = select_lesion(labels, lesion_label)
+    return None if lesion is None else np.round(np.mean(np.nonzero(lesion), axis=1)).astype(int)
 
 
 @dataclass
@@ -59,14 +48,13 @@ class TileRecord:
     fold: int = 0  # which parameter set (fold) of an ensemble predicted it
 
 
-def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_weighted") -> np.ndarray:
-    """Case-level subtype probabilities from per-tile logits.
+def fold_subtype_logits(records: list[TileRecord], method: str = "lesion_weighted") -> np.ndarray:
+    """Case-level subtype logits per fold (n_folds, n_subtypes) from per-tile logits.
 
     Per fold, ``mean`` averages logits over the tiles; ``lesion_weighted`` weights each tile by its predicted lesion
     volume so tiles that show the lesion decide, falling back to the plain mean when no tile shows any lesion.
     ``lesion_tile`` weights the same way; its record is the one patch centred on the lesion (see
-    :meth:`MultiTaskPredictor._classify_on_lesion_tile`), or the tiles where no lesion was predicted. Folds then
-    count equally, as in nnU-Net's ensemble of the segmentation logits.
+    :meth:`MultiTaskPredictor._classify_on_lesion_tile`), or the tiles where no lesion was predicted.
     """
     if not records:
         raise ValueError("no tiles were predicted")
@@ -82,7 +70,14 @@ def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_we
             if lesion.sum() >= 1.0:  # at least one voxel of lesion somewhere
                 weights = lesion
         per_fold.append((logits * weights[:, None]).sum(0) / weights.sum())
-    return torch.softmax(torch.stack(per_fold).mean(0), dim=0).numpy()
+    return torch.stack(per_fold).numpy()
+
+
+def aggregate_subtype_logits(records: list[TileRecord], method: str = "lesion_weighted") -> np.ndarray:
+    """Case-level subtype probabilities of the network's head: the softmax of the folds' mean logits (folds count
+    equally, as in nnU-Net's ensemble of the segmentation logits). The calibrated, fused subtype of a trained model
+    is :class:`~nnunet_mtl.model.subtype_classifier.SubtypeClassifier`'s."""
+    return torch.softmax(torch.from_numpy(fold_subtype_logits(records, method)).mean(0), dim=0).numpy()
 
 
 class MultiTaskPredictor(nnUNetPredictor):
@@ -100,6 +95,11 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.tile_records: list[TileRecord] = []
         self.fold_index = 0  # parameter set being predicted: nnU-Net calls the sliding window once per fold
         self.last_subtype_probabilities: np.ndarray | None = None
+        self.last_fold_logits: np.ndarray | None = None  # (n_folds, n_subtypes): the head's logits of each fold
+        # The model folder's fitted subtype classifier (calibration, feature model, fusion) and the variant asked for
+        # (None: the classifier's default); set by ``inference.predict.load_predictor``.
+        self.subtype_classifier: SubtypeClassifier | None = None
+        self.classifier_variant: str | None = None
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,16 +139,23 @@ class MultiTaskPredictor(nnUNetPredictor):
         """nnU-Net's fold loop, bracketed by resetting and aggregating the subtype record of this case."""
         self.tile_records, self.fold_index = [], 0
         logits = super().predict_logits_from_preprocessed_data(data)
-        self.last_subtype_probabilities = aggregate_subtype_logits(self.tile_records, self.aggregation) \
-            if self.tile_records else None
+        self._summarise_records()
         return logits
+
+    def _summarise_records(self) -> None:
+        if self.tile_records:
+            self.last_fold_logits = fold_subtype_logits(self.tile_records, self.aggregation)
+            self.last_subtype_probabilities = aggregate_subtype_logits(self.tile_records, self.aggregation)
+        else:
+            self.last_fold_logits = self.last_subtype_probabilities = None
 
     @torch.inference_mode()
     def predict_with_current_weights(self, data: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """One case with the network as it is (no fold loop): used by the trainer's case-level validation."""
         self.tile_records, self.fold_index = [], 0
         logits = self.predict_sliding_window_return_logits(data)
-        return logits, aggregate_subtype_logits(self.tile_records, self.aggregation)
+        self._summarise_records()
+        return logits, self.last_subtype_probabilities
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ class TrainSettings:
     optimizer: str | None = None
     mirror_augmentation: bool | None = None
     max_rotation_degrees: float | None = None
+    feature_model_kind: str | None = None
+    head_lr_scale: float | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -95,8 +97,9 @@ def find_resume_checkpoint(output_folder: str | Path) -> Path | None:
 
 def train(dataset: str | int, plans: str = "default", fold: int | str = 0, device: str = "auto",
           settings: TrainSettings | None = None, resume: bool = False, initial_weights: str | None = None,
-          validate: bool = True) -> dict:
-    """Train one fold (resuming if asked), then predict and score its validation cases.
+          validate: bool = True, subtype_fit: str = "fold") -> dict:
+    """Train one fold (resuming if asked), then predict and score its validation cases (fitting the subtype
+    classifier on the way, unless ``subtype_fit`` is "none").
 
     Returns paths and the final validation metrics.
     """
@@ -104,6 +107,7 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
         raise ValueError("--resume continues a run; --initial-weights starts one. Use one of them.")
     trainer = build_trainer(dataset, plans, fold, device, continue_training=resume)
     apply_settings(trainer, settings or TrainSettings())
+    trainer.subtype_fit = subtype_fit
     trainer.initialize()
     checkpoint = find_resume_checkpoint(trainer.output_folder) if resume else None
     if checkpoint is not None:
@@ -116,3 +120,36 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
     trainer.run_training()
     metrics = trainer.perform_actual_validation() if validate else None
     return {"output_folder": trainer.output_folder, "model_folder": trainer.output_folder_base, "metrics": metrics}
+
+
+def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | tuple[str, ...] = ("0",),
+                device: str = "auto", settings: TrainSettings | None = None, resume: bool = False,
+                initial_weights: str | None = None, validate: bool = True) -> dict:
+    """Train each fold in turn (a fold whose final checkpoint exists is kept when resuming); with several folds the
+    subtype classifier is fitted once at the end on their out-of-fold predictions.
+
+    Returns the model folder, each fold's result and the classifier's provenance.
+    """
+    from nnunet_mtl.training.subtype_fit import fit_from_model_folder
+
+    results, model_folder = {}, None
+    several = len(folds) > 1
+    for fold in folds:
+        trainer_folder = Path(build_trainer(dataset, plans, fold, device).output_folder)
+        if resume and several and (trainer_folder / "checkpoint_final.pth").is_file() \
+                and (trainer_folder / "validation" / "metrics.json").is_file():
+            print(f"fold {fold}: finished earlier, kept")
+            model_folder = trainer_folder.parent
+            continue
+        results[fold] = train(dataset, plans, fold, device, settings, resume, initial_weights, validate,
+                              subtype_fit="none" if several else "fold")
+        model_folder = Path(results[fold]["model_folder"])
+    classifier = None
+    if several and validate and model_folder is not None:
+        names = build_trainer(dataset, plans, folds[0], device).subtype_names
+        kind = (settings.feature_model_kind if settings else None) or "lda"
+        fitted = fit_from_model_folder(model_folder, names, [str(f) for f in folds], kind)
+        fitted.save(model_folder)
+        classifier = fitted.provenance
+        print(f"subtype classifier fitted: {fitted.provenance}")
+    return {"model_folder": model_folder, "folds": results, "classifier": classifier}

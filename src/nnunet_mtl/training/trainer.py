@@ -100,6 +100,10 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.skipped_steps = 0
         self.case_validation_every = 1
         self.final_validation_fast = False
+        # "fold": fit the subtype classifier after this fold's validation (one-fold training); "none": leave it to
+        # the out-of-fold fit after all cross-validation folds (train --folds ...)
+        self.subtype_fit = "fold"
+        self.feature_model_kind = "lda"
         self.save_every = 1
         self.classification_loss: nn.Module | None = None
         self._best_combined: float | None = None

@@ -6,9 +6,9 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 :class:`~nnunet_mtl.training.trainer.nnUNetTrainerMTL`):
 
 - ``perform_actual_validation``: nnU-Net's hard-codes the stock predictor, which fails on a network with two
-  outputs; ours predicts masks and subtypes of the validation fold, exports them in the original geometry, decides
-  the largest-component postprocessing on them (as nnU-Net does after validation) and scores them as the task
-  defines.
+  outputs; ours predicts masks and subtypes of the validation fold, exports them in the original geometry, stores
+  each case's subtype record and fits the subtype classifier (:mod:`~nnunet_mtl.training.subtype_fit`), decides the
+  largest-component postprocessing (as nnU-Net does after validation) and scores the fold as the task defines.
 
 New here: :meth:`CaseValidationMixin.case_level_validation`, run during training to pick the best checkpoint.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from time import time
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from nnunet_mtl.inference import postprocessing
 from nnunet_mtl.inference.outputs import write_subtype_tables
 from nnunet_mtl.inference.predict import PredictionMode
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.inference.subtype import describe_case
+from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
+from nnunet_mtl.training.subtype_fit import fit_from_model_folder, save_records
 
 LESION_LABEL = 2
 
@@ -97,8 +101,38 @@ class CaseValidationMixin:
                                                    labels=list(range(len(self.subtype_names))), zero_division=0)),
                 "val_case_pancreas_dice": float(np.mean(pancreas)), "val_case_lesion_dice": float(np.mean(lesion))}
 
+    def _predict_record(self, predictor: MultiTaskPredictor, key: str, data) -> tuple[torch.Tensor, dict]:
+        """Predict one preprocessed case; return its logits and its subtype record (head logits per fold, the
+        predicted lesion's features) for fitting the subtype classifier."""
+        logits, _ = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
+        labels = logits.float().argmax(0).numpy()
+        described = describe_case(predictor.last_fold_logits, np.asarray(data), labels,
+                                  self.configuration_manager.spacing, self.plans_manager, self.configuration_manager,
+                                  classifier=None, with_features=True)
+        record = {"case": key, "subtype": self.case_subtypes[key], "fold_logits": described.fold_logits.tolist(),
+                  "features": described.features, "lesion_ml": described.lesion_ml}
+        return logits, record
+
+    @torch.no_grad()
+    def training_case_records(self) -> list[dict]:
+        """The fold's own training cases as its final weights predict them (fast mode): what the feature classifier
+        is fitted on when no out-of-fold predictions exist."""
+        train_keys, _ = self.do_split()
+        dataset = self._validation_dataset(train_keys)
+        predictor = self._predictor(fast=True)
+        records = []
+        for key in dataset.identifiers:
+            data, _, _, _ = dataset.load_case(key)
+            records.append(self._predict_record(predictor, key, data)[1])
+        return records
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> dict | None:
-        """Predict the validation fold (masks in original geometry + subtypes) and score it as the task does."""
+        """Predict the validation fold (masks in original geometry + subtypes) and score it as the task does.
+
+        On the way: each case's subtype record is stored (``subtype_records.json``), and with ``subtype_fit ==
+        "fold"`` the subtype classifier is fitted (the fold's training cases predicted for the feature model) and
+        saved into the model folder before the validation's subtypes are written with it.
+        """
         from nnunet_mtl.evaluation.evaluate import evaluate_folder, headline
 
         self.set_deep_supervision_enabled(False)
@@ -108,16 +142,40 @@ class CaseValidationMixin:
         out.mkdir(parents=True, exist_ok=True)
         _, val_keys = self.do_split()
         dataset = self._validation_dataset(val_keys)
-        probabilities = {}
+        records = []
         with torch.no_grad():
             for key in dataset.identifiers:
                 data, _, _, properties = dataset.load_case(key)
-                logits, probabilities[key] = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
+                logits, record = self._predict_record(predictor, key, data)
+                records.append(record)
                 tmp = out / f".{key}.tmp"
                 export_prediction_from_logits(logits.float().cpu(), properties, self.configuration_manager,
                                               self.plans_manager, self.dataset_json, str(tmp), save_probabilities)
                 os.replace(out / f".{key}.tmp{self.dataset_json['file_ending']}",
                            out / f"{key}{self.dataset_json['file_ending']}")
+        fold_dir, model_dir = Path(self.output_folder), Path(self.output_folder_base)
+        if self.local_rank == 0:
+            save_records(fold_dir, "validation", records)
+            if self.subtype_fit == "fold":
+                started = time()
+                save_records(fold_dir, "train", self.training_case_records())
+                classifier = fit_from_model_folder(model_dir, self.subtype_names, [str(self.fold)],
+                                                   self.feature_model_kind)
+                classifier.save(model_dir)
+                self.print_to_log_file(f"subtype classifier fitted in {time() - started:.1f} s: "
+                                       f"{json.dumps(classifier.provenance)}")
+                for variant, numbers in classifier.validation.items():
+                    if numbers:
+                        self.print_to_log_file(f"  validation {variant}: " + ", ".join(
+                            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()))
+        classifier = load_classifier(model_dir)
+        probabilities = {}
+        for record in records:
+            if classifier is None:
+                probabilities[record["case"]] = softmax(np.mean(record["fold_logits"], axis=0))
+            else:
+                variants = classifier.probabilities(record["fold_logits"], record["features"])
+                probabilities[record["case"]] = variants[classifier.default_variant]
         write_subtype_tables(out, probabilities)
         self.set_deep_supervision_enabled(True)
         empty_cache(self.device)
@@ -125,7 +183,7 @@ class CaseValidationMixin:
             return None
         truth = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
         decision = postprocessing.determine(out, truth, list(dataset.identifiers))
-        postprocessing.write_decision(Path(self.output_folder_base), decision)
+        postprocessing.write_decision(model_dir, decision)
         self.print_to_log_file(f"largest-component postprocessing: {decision}")
         if decision["keep_largest_component"]:
             postprocessing.apply_to_folder(out, list(dataset.identifiers))

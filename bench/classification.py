@@ -1,0 +1,297 @@
+"""Does the subtype carry over to data it was not built on? Train on one phantom site, test on every site.
+
+Phantom sites (``nnunet-mtl phantom --site``) differ in scanner and protocol (slice thickness, pixel size, kernel
+noise and blur, contrast timing, HU calibration) and in their patients' lesion appearances. For each training site
+this trains the demo recipe (the model a `make demo` user gets, subtype classifier included), predicts every site's
+test set (>= 150 cases each) in fast mode, and prints, for every classifier variant, macro-F1, balanced accuracy and
+ECE with 95 % bootstrap intervals over cases, in-site and cross-site side by side. Beside the product's variants it
+scores a two-feature intensity model (mean and SD of HU in the lesion; logistic regression fitted on the training
+site's training and validation cases) on true and on predicted lesions: a phantom that mean HU solves is too easy to
+tell anything.
+
+Variants (all from one prediction run; ``subtype_details.json`` holds them):
+  cnn_raw   the network's head, uncalibrated (what the product wrote before this classifier existed)
+  cnn       the head with its temperature
+  features  the linear model on the predicted lesion's radiomics, calibrated
+  fused     the product's default: both, weighted as the validation fold chose, calibrated
+  refit:*   feature models refitted here from the stored training records (offline ablations: --refit)
+
+Every stage is reused when its output exists, so a second run only scores (and a crashed run resumes).
+
+  python bench/classification.py --workdir work_cls                       # train on A and B, test on A, B, C
+  python bench/classification.py --workdir work_cls --train-sites A --test-sites A B C --n-test 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SITES_DEFAULT = ("A", "B", "C")
+DATASET_BASE_ID = 710
+BOOTSTRAP = 1000
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def make_phantoms(workdir: Path, sites: list[str], n_test: int, seed: int) -> dict[str, Path]:
+    from nnunet_mtl.data.phantom import generate_phantom_dataset
+
+    folders = {}
+    for site in sites:
+        folder = workdir / f"phantom_{site}"
+        if not (folder / "phantom.json").is_file():
+            print(f"== phantom site {site}: {n_test} test cases", flush=True)
+            generate_phantom_dataset(folder, "small", seed=seed, n_test=n_test, site=site, progress=False)
+        folders[site] = folder
+    return folders
+
+
+def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations: int, tag: str = "",
+               extra: dict | None = None) -> Path:
+    """The demo recipe on one site's training data; returns the model folder."""
+    from nnunet_mtl import paths
+    from nnunet_mtl.data.importer import import_dataset, scan_published
+    from nnunet_mtl.planning.plans import PLANS_CHOICES, plan_and_preprocess
+    from nnunet_mtl.training.run import TrainSettings, train
+    from nnunet_mtl.training.trainer import cpu_has_fast_bf16
+
+    work = paths.configure(workdir / "nnunet")
+    dataset_id = DATASET_BASE_ID + SITES_DEFAULT.index(site)
+    name = f"Site{site}"
+    raw = work.raw / paths.dataset_folder_name(dataset_id, name)
+    if not (raw / "dataset.json").is_file():
+        import_dataset(scan_published(phantom), work.raw, dataset_id, name, progress=False)
+    preprocessed = work.preprocessed / paths.dataset_folder_name(dataset_id, name)
+    if not (preprocessed / f"{PLANS_CHOICES['demo']}.json").is_file():
+        plan_and_preprocess(dataset_id, "default", "demo")
+    plans = PLANS_CHOICES["demo"]
+    if tag:  # an ablation: same plans under another identifier, so its model folder is its own
+        plans = f"{PLANS_CHOICES['demo']}{tag}"
+        content = json.loads((preprocessed / f"{PLANS_CHOICES['demo']}.json").read_text())
+        content["plans_name"] = plans
+        (preprocessed / f"{plans}.json").write_text(json.dumps(content, indent=1))
+    model = work.results / paths.dataset_folder_name(dataset_id, name) / f"nnUNetTrainerMTL__{plans}__3d_fullres"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file() or not (model / "subtype_classifier.json").is_file():
+        print(f"== train on site {site} {tag}", flush=True)
+        settings = TrainSettings(epochs=epochs, iterations=iterations, val_iterations=4, case_validation_every=epochs,
+                                 final_validation_fast=True, optimizer="adamw", mirror_augmentation=False,
+                                 max_rotation_degrees=15.0, cpu_bf16=cpu_has_fast_bf16(), **(extra or {}))
+        started = time.perf_counter()
+        train(dataset_id, plans, 0, "cpu", settings, resume=True)
+        print(f"   trained in {time.perf_counter() - started:.0f} s", flush=True)
+    return model
+
+
+def predict_site(model: Path, phantom: Path, out: Path) -> Path:
+    from nnunet_mtl.inference.outputs import read_details
+    from nnunet_mtl.inference.predict import PredictionMode, list_cases, predict_folder
+
+    images = phantom / "test"
+    if len(read_details(out)) < len(list_cases(images)):
+        print(f"== predict {phantom.name} with {model.parent.name}/{model.name}", flush=True)
+        started = time.perf_counter()
+        report = predict_folder(model, images, out, device=__import__("torch").device("cpu"),
+                                mode=PredictionMode.fast(), progress=False)
+        if report.failed:
+            raise RuntimeError(f"prediction failed: {report.failed}")
+        print(f"   {len(report.predicted)} cases in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def bootstrap(y: np.ndarray, p: np.ndarray, statistic, n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float, float]:
+    """(value, 2.5 %, 97.5 %) of ``statistic(y, p)`` over case resamples."""
+    rng = np.random.default_rng(seed)
+    value = statistic(y, p)
+    samples = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        samples.append(statistic(y[idx], p[idx]))
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(value), float(low), float(high)
+
+
+def macro_f1(y, p):
+    from sklearn.metrics import f1_score
+
+    return f1_score(y, p.argmax(1), average="macro", labels=[0, 1, 2], zero_division=0)
+
+
+def balanced_accuracy(y, p):
+    recalls = [(p.argmax(1)[y == k] == k).mean() for k in range(3) if (y == k).any()]
+    return float(np.mean(recalls))
+
+
+def ece(y, p):
+    from nnunet_mtl.evaluation.metrics import calibration
+
+    return calibration(y, p)["ece"]
+
+
+def truth_subtypes(phantom: Path) -> dict[str, int]:
+    summary = json.loads((phantom / "phantom.json").read_text())
+    return {c["name"]: c["subtype"] for c in summary["cases"] if c["split"] == "test"}
+
+
+def true_lesion_moments(phantom: Path, split: str) -> dict[str, tuple[list[float], int]]:
+    """Mean and SD of HU in the true lesion of each case of a split (original grid): the two-feature check."""
+    import SimpleITK as sitk
+
+    summary = json.loads((phantom / "phantom.json").read_text())
+    out = {}
+    for case in summary["cases"]:
+        if case["split"] not in split:
+            continue
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / case["image"]))).astype(float)
+        lesion = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / case["mask"])))) == 2
+        out[case["name"]] = ([image[lesion].mean(), image[lesion].std()], case["subtype"])
+    return out
+
+
+def two_feature_model(rows: list[list[float]], y: list[int]):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000)).fit(rows, y)
+
+
+def moments_of(features: dict | None) -> list[float] | None:
+    if not features:
+        return None
+    return [features["lesion.stat_mean"], float(np.sqrt(max(features["lesion.stat_var"], 0.0)))]
+
+
+def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path, refits: list[str],
+               true_moments_cache: dict) -> dict[str, dict]:
+    from nnunet_mtl.inference.outputs import read_details
+    from nnunet_mtl.model.subtype_classifier import softmax
+    from nnunet_mtl.training.subtype_fit import fit_classifier, load_records
+
+    details = read_details(preds)
+    truth = truth_subtypes(phantom_test)
+    cases = sorted(details)
+    y = np.array([truth[c] for c in cases])
+    variants: dict[str, np.ndarray] = {}
+    variants["cnn_raw"] = np.array([softmax(np.mean(details[c]["fold_logits"], axis=0)) for c in cases])
+    for name in ("cnn", "features", "fused"):
+        if all(name in details[c]["probabilities"] for c in cases):
+            variants[name] = np.array([details[c]["probabilities"][name] for c in cases])
+        elif name == "features":  # cases without a lesion have no feature opinion: fall back to the head
+            variants[name] = np.array([details[c]["probabilities"].get(name, details[c]["probabilities"]["cnn"])
+                                       for c in cases])
+    records = load_records(model / "fold_0")
+    names = [f"subtype{k}" for k in range(3)]
+    for kind in refits:
+        feature_kind, _, subset = kind.partition(":")
+        fit = records["train"]
+        held = records["validation"]
+        if subset:
+            prefixes = tuple(subset.split("+"))
+
+            def keep(r, prefixes=prefixes):
+                if not r.get("features"):
+                    return r
+                return {**r, "features": {k: v for k, v in r["features"].items() if k.startswith(prefixes)}}
+
+            fit, held = [keep(r) for r in fit], [keep(r) for r in held]
+        classifier = fit_classifier(fit, held, names, feature_kind, "bench refit")
+        rows = []
+        for c in cases:
+            features = details[c]["features"]
+            if features and subset:
+                features = {k: v for k, v in features.items() if k.startswith(prefixes)}
+            got = classifier.probabilities(details[c]["fold_logits"], features)
+            rows.append(got.get("features", got["cnn"]))
+        variants[f"refit:{kind}:features"] = np.array(rows)
+        variants[f"refit:{kind}:fused(w={classifier.fusion_weight})"] = np.array(
+            [classifier.probabilities(details[c]["fold_logits"], details[c]["features"] if not subset else
+                                      {k: v for k, v in (details[c]["features"] or {}).items()
+                                       if k.startswith(prefixes)} or None)["fused"] for c in cases])
+    # the two-feature intensity model, on true and on predicted lesions
+    key = str(phantom_train)
+    if key not in true_moments_cache:
+        true_moments_cache[key] = true_lesion_moments(phantom_train, ("train", "validation"))
+    train_true = true_moments_cache[key]
+    model_true = two_feature_model([v[0] for v in train_true.values()], [v[1] for v in train_true.values()])
+    test_key = str(phantom_test) + ":test"
+    if test_key not in true_moments_cache:
+        true_moments_cache[test_key] = true_lesion_moments(phantom_test, ("test",))
+    test_true = true_moments_cache[test_key]
+    variants["hu2_true_masks"] = model_true.predict_proba([test_true[c][0] for c in cases])
+    train_pred = [(moments_of(r["features"]), r["subtype"]) for r in records["train"] + records["validation"]
+                  if r.get("features")]
+    model_pred = two_feature_model([m for m, _ in train_pred], [s for _, s in train_pred])
+    prior = np.bincount([s for _, s in train_pred], minlength=3) / len(train_pred)
+    variants["hu2_predicted_masks"] = np.array([model_pred.predict_proba([moments_of(details[c]["features"])])[0]
+                                                if details[c]["features"] else prior for c in cases])
+    found = np.array([details[c]["lesion_found"] for c in cases])
+    results = {}
+    for name, p in variants.items():
+        results[name] = {"macro_f1": bootstrap(y, p, macro_f1), "balanced_accuracy": bootstrap(y, p, balanced_accuracy),
+                         "ece": bootstrap(y, p, ece), "n": len(y),
+                         "found_right": f"{int(((p.argmax(1) == y) & found).sum())}/{int(found.sum())}"}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("work_classification"))
+    parser.add_argument("--train-sites", nargs="+", default=["A", "B"])
+    parser.add_argument("--test-sites", nargs="+", default=list(SITES_DEFAULT))
+    parser.add_argument("--n-test", type=int, default=150, help="test cases per site (default 150)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--refit", nargs="*", default=[],
+                        help="offline feature-model refits to score too: lda | logistic, optionally ':prefix+prefix' "
+                             "to keep feature groups, e.g. lda:lesion.stat_+contrast.")
+    parser.add_argument("--ablation", default="", help="tag of a training ablation (see ABLATIONS)")
+    parser.add_argument("--json", type=Path, help="write all numbers here")
+    args = parser.parse_args()
+
+    os.environ.setdefault("nnUNet_def_n_proc", "2")
+    os.environ.setdefault("nnUNet_n_proc_DA", "2")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sites = sorted(set(args.train_sites) | set(args.test_sites))
+    phantoms = make_phantoms(args.workdir.resolve(), sites, args.n_test, args.seed)
+    extra = ABLATIONS[args.ablation] if args.ablation else None
+    tag = f"_{args.ablation}" if args.ablation else ""
+    table, cache = {}, {}
+    for train in args.train_sites:
+        model = train_site(args.workdir.resolve(), train, phantoms[train], args.epochs, args.iterations, tag, extra)
+        for test in args.test_sites:
+            preds = predict_site(model, phantoms[test], args.workdir.resolve() / f"preds_{train}{tag}_on_{test}")
+            table[f"{train}{tag}->{test}"] = score_pair(model, phantoms[train], phantoms[test], preds, args.refit,
+                                                        cache)
+    print(f"\nsubtype on phantom sites ({args.n_test} test cases each; 95 % bootstrap intervals over cases)")
+    print(f"{'train->test':<14}{'variant':<34}{'macro-F1':>22}{'balanced acc':>22}{'ECE':>22}{'found right':>13}")
+    for pair, variants in table.items():
+        for name, r in variants.items():
+            cells = "".join(f"{r[k][0]:>8.3f} [{r[k][1]:.3f}, {r[k][2]:.3f}]"
+                            for k in ("macro_f1", "balanced_accuracy", "ece"))
+            print(f"{pair:<14}{name:<34}{cells}{r['found_right']:>13}")
+        print()
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+
+
+# Training ablations for "why does the head drop on shifted data" (each a TrainSettings change).
+ABLATIONS: dict[str, dict] = {
+    "predicted_attention": {"attend_to_true_lesion": False},  # the head attends to the decoder's lesion in training
+    "head_full_lr": {"head_lr_scale": 1.0},  # the head at the body's learning rate
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The subtype classifier inside training and prediction: records, fitting, the variants predict writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_mtl.cli import main as cli_main
+from nnunet_mtl.inference.outputs import read_details
+from nnunet_mtl.inference.predict import InputError, PredictionMode, load_predictor, predict_case
+from nnunet_mtl.model.subtype_classifier import LinearSoftmax, SubtypeClassifier, load_classifier, softmax
+
+CPU = torch.device("cpu")
+
+
+class _BrightIsLesion(torch.nn.Module):
+    """Stands in for the network: lesion where the normalised input is above 1, fixed subtype logits."""
+
+    def forward(self, x):
+        segmentation = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        segmentation[:, 0] = 1.0
+        segmentation[:, 1] = 1.5 * (x[:, 0] > 0.3)
+        segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
+        return segmentation, torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
+
+
+def test_training_stored_records_and_a_classifier(tiny_model):
+    """Every validation case and every training case has a record of the head's logits; the classifier was fitted
+    from them (the tiny model finds no lesion, so it falls back to the calibrated head) and rests on those cases."""
+    records = json.loads((tiny_model / "fold_0" / "subtype_records.json").read_text())
+    splits = json.loads((tiny_model.parents[2] / "nnUNet_preprocessed" / tiny_model.parent.name
+                         / "splits_final.json").read_text())[0]
+    assert sorted(r["case"] for r in records["validation"]) == sorted(splits["val"])
+    assert sorted(r["case"] for r in records["train"]) == sorted(splits["train"])
+    assert all(len(r["fold_logits"]) == 1 and len(r["fold_logits"][0]) == 3 for r in records["validation"])
+    classifier = load_classifier(tiny_model)
+    assert classifier is not None and classifier.provenance["heldout_cases"] == len(splits["val"])
+    assert classifier.cnn_temperature >= 1.0
+
+
+def test_predict_writes_the_chosen_variant_and_every_opinion(tiny_model, tiny_dataset, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    feature_model = LinearSoftmax(["lesion.stat_mean"], [0.0], [100.0], [50.0], [[-1.0], [0.0], [1.0]],
+                                  [0.0, 0.0, 0.0])
+    SubtypeClassifier(["a", "b", "c"], feature_model, cnn_temperature=2.0, feature_temperature=0.5,
+                      fusion_weight=0.3, fused_temperature=1.5).save(model)
+    predictor = load_predictor(model, device=CPU, mode=PredictionMode.fast())
+    predictor.network = _BrightIsLesion()
+    predictor.list_of_parameters = [{}]  # one "fold", whose (no) weights the stand-in loads
+    image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    subtype = predict_case(predictor, image, out, "case")
+    assert subtype.lesion_found and subtype.features is not None and subtype.variant == "fused"
+    mean = subtype.features["lesion.stat_mean"]
+    features = softmax(np.array([-1.0, 0.0, 1.0]) * (mean - 100.0) / 50.0 / 0.5)
+    cnn = softmax(np.array([2.0, 0.0, -1.0]) / 2.0)
+    fused = softmax((0.3 * np.log(cnn) + 0.7 * np.log(features)) / 1.5)
+    assert np.allclose(subtype.variants["cnn"], cnn) and np.allclose(subtype.variants["features"], features)
+    assert np.allclose(subtype.probabilities, fused)
+    predictor.classifier_variant = "cnn"
+    assert np.allclose(predict_case(predictor, image, out, "case").probabilities, cnn)
+
+
+def test_predict_folder_records_details_and_refuses_a_feature_variant_without_a_feature_model(tiny_model,
+                                                                                              tiny_dataset, tmp_path,
+                                                                                              capsys):
+    out = tmp_path / "out"
+    code = cli_main(["predict", "-i", str(tiny_dataset["phantom"] / "test"), "-o", str(out), "-m", str(tiny_model),
+                     "--fast", "--device", "cpu"])
+    assert code == 0
+    details = read_details(out)
+    assert len(details) == len(list((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz")))
+    for record in details.values():
+        assert set(record) >= {"variant", "probabilities", "fold_logits", "lesion_found", "lesion_ml", "features"}
+        assert np.isclose(sum(record["probabilities"][record["variant"]]), 1.0)
+    if load_classifier(tiny_model).feature_model is None:
+        with pytest.raises(InputError, match="no fitted feature classifier"):
+            load_predictor(tiny_model, device=CPU, mode=PredictionMode.fast(classifier="features"))
