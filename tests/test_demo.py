@@ -23,6 +23,11 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path, monk
         score = summary["test_metrics"][name]
         assert f"demo bar {name} >= {bar}: {score:.3f} {'met' if score >= bar else 'NOT met'}" in out
     assert set(summary["test_metrics"]) == {"whole_pancreas_dice", "lesion_dice", "accuracy", "macro_f1"}
+    lesions = summary["test_lesions"]  # lesion-wise sensitivity by size beside the bars (issue 17)
+    metrics = json.loads((work / "demo_predictions" / "metrics.json").read_text())["lesions"]
+    assert lesions["by_size"] == {b["bin"]: f"{b['detected']}/{b['total']}" for b in metrics["by_size"]}
+    assert sum(int(v.split("/")[1]) for v in lesions["by_size"].values()) == metrics["n_true_lesions"] >= 3
+    assert "lesion-wise sensitivity by size: " + ", ".join(f"{k} {v}" for k, v in lesions["by_size"].items()) in out
     assert summary["reused"] == []
     predictions = work / "demo_predictions"
     assert len(list(predictions.glob("quiz_*.nii.gz"))) == 3
