@@ -38,6 +38,7 @@ class TrainSettings:
     optimizer: str | None = None
     mirror_augmentation: bool | None = None
     max_rotation_degrees: float | None = None
+    lesion_loss_weight: float | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -95,16 +96,25 @@ def find_resume_checkpoint(output_folder: str | Path) -> Path | None:
 
 def train(dataset: str | int, plans: str = "default", fold: int | str = 0, device: str = "auto",
           settings: TrainSettings | None = None, resume: bool = False, initial_weights: str | None = None,
-          validate: bool = True) -> dict:
+          validate: bool = True, validation_only: bool = False) -> dict:
     """Train one fold (resuming if asked), then predict and score its validation cases.
 
-    Returns paths and the final validation metrics.
+    ``validation_only`` (nnU-Net's ``--val``): no training; the fold's final checkpoint predicts the validation
+    cases again and the postprocessing (largest component, false-lesion filters) is decided anew, e.g. for a model
+    trained before the lesion filters existed. Returns paths and the final validation metrics.
     """
     if resume and initial_weights:
         raise ValueError("--resume continues a run; --initial-weights starts one. Use one of them.")
     trainer = build_trainer(dataset, plans, fold, device, continue_training=resume)
     apply_settings(trainer, settings or TrainSettings())
     trainer.initialize()
+    if validation_only:
+        final = Path(trainer.output_folder) / "checkpoint_final.pth"
+        if not final.is_file():
+            raise FileNotFoundError(f"{final} not found: train the fold first")
+        trainer.load_checkpoint(str(final))
+        return {"output_folder": trainer.output_folder, "model_folder": trainer.output_folder_base,
+                "metrics": trainer.perform_actual_validation()}
     checkpoint = find_resume_checkpoint(trainer.output_folder) if resume else None
     if checkpoint is not None:
         trainer.load_checkpoint(str(checkpoint))
