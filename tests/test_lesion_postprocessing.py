@@ -108,7 +108,7 @@ def blob(array: np.ndarray, probability: np.ndarray, z: int, y: int, x: int, vox
     probability[z, y, x] = score
 
 
-def test_choice_on_validation_cases_keeps_every_found_lesion_with_a_margin():
+def test_choice_on_validation_cases_keeps_every_found_lesion_with_a_margin(monkeypatch):
     from nnunet_mtl.evaluation.metrics import dice
 
     cases, arrays = [], []
@@ -129,6 +129,7 @@ def test_choice_on_validation_cases_keeps_every_found_lesion_with_a_margin():
         cases.append((match_case(segmentation, truth, SPACING, case, [(c.peak, c.score) for c in candidates]),
                       candidates))
         arrays.append((segmentation, labels, candidates, truth))
+    monkeypatch.setattr(lesion_filters, "MIN_FOUND_LESIONS", 2)
     decision = choose(cases)
     # 0.005 ml removes the speck, probability 0.5 the faint one; 0.6 would also remove the 0.58 one but leaves
     # lesion b (0.62) within the 0.05 margin, and 0.05 ml would leave the 0.06 ml lesion within twice the minimum
@@ -148,6 +149,10 @@ def test_choice_on_validation_cases_keeps_every_found_lesion_with_a_margin():
         assert result["mean_case_lesion_dice"] == pytest.approx(np.mean(direct))
     assert decision["validation"]["chosen"]["mean_case_lesion_dice"] > \
         decision["validation"]["without_filters"]["mean_case_lesion_dice"]
+    # with only these two found lesions (fewer than MIN_FOUND_LESIONS) a fold shows too little to filter by
+    with monkeypatch.context() as m:
+        m.setattr(lesion_filters, "MIN_FOUND_LESIONS", 3)
+        assert choose(cases)["description"] == "none"
 
 
 def test_decision_lives_beside_the_largest_component_one(tmp_path):

@@ -289,9 +289,12 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
     filters = decision["lesion_filters"]
     assert filters["validation"]["cases"] == 3 and filters["validation"]["true_lesions"] >= 3
     assert len(filters["grid"]) >= 30 and any(row["admissible"] for row in filters["grid"])
-    chosen = filters["validation"]["chosen"]
-    assert chosen["detected"] == filters["validation"]["without_filters"]["detected"]
-    assert chosen["false_positives"] == min(r["false_positives"] for r in filters["grid"] if r["admissible"])
+    chosen, without = filters["validation"]["chosen"], filters["validation"]["without_filters"]
+    assert chosen["detected"] == without["detected"]
+    if without["detected"] >= 3:
+        assert chosen["false_positives"] == min(r["false_positives"] for r in filters["grid"] if r["admissible"])
+    else:  # a one-iteration model finds (almost) nothing: no evidence to filter by
+        assert filters["description"] == "none" and chosen == without
     assert (fold / "validation" / "lesion_candidates.csv").is_file()
     assert metrics["lesions"]["n_cases"] == 3 and metrics["lesions"]["froc"] is not None
 

@@ -17,8 +17,10 @@ rule of :mod:`nnunet_mtl.evaluation.lesions`. Admissible settings detect every t
 prediction detects, *with a margin*: each detected lesion must keep a matching component at least
 ``VOLUME_MARGIN`` times the minimum volume and ``PROBABILITY_MARGIN`` above the minimum probability, because a
 validation fold of a dozen cases cannot show the smallest or faintest lesion of a test set. Among admissible
-settings the one with the fewest false lesions wins; ties go to the gentler setting. The decision, with the counts
-of every setting, is stored under ``lesion_filters`` in the model folder's ``postprocessing.json``.
+settings the one with the fewest false lesions wins; ties go to the gentler setting. A fold whose unfiltered
+prediction finds fewer than ``MIN_FOUND_LESIONS`` true lesions shows nothing about what a true lesion looks like,
+so it gets no filters. The decision, with the counts of every setting, is stored under ``lesion_filters`` in the
+model folder's ``postprocessing.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ VOLUME_GRID_ML = (0.0, 0.005, 0.01, 0.02, 0.05)
 PROBABILITY_GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 VOLUME_MARGIN = 2.0  # a kept true lesion's component must be at least twice the minimum volume
 PROBABILITY_MARGIN = 0.05  # ... and its score at least this much above the minimum probability
+MIN_FOUND_LESIONS = 3  # fewer found validation lesions: no evidence to filter by
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,13 @@ def choose(cases: Sequence[tuple[CaseLesions, Sequence[Candidate]]], allow_outsi
     admissible = [(r, f) for r, f in zip(rows, grid) if r["admissible"]]
     # fewest false lesions; then the gentlest setting (grid order: smaller thresholds first, outside kept first)
     best_row, best = min(admissible, key=lambda rf: (rf[0]["false_positives"], grid.index(rf[1])))
+    if baseline["detected"] < MIN_FOUND_LESIONS:
+        best_row, best = baseline, NO_FILTERS
     return {**asdict(best), "description": best.describe(),
             "criterion": "fewest false lesions on the validation fold among settings that keep every detected true "
                          f"lesion with a margin (component >= {VOLUME_MARGIN:g} x the minimum volume, score >= "
-                         f"the minimum probability + {PROBABILITY_MARGIN:g})",
+                         f"the minimum probability + {PROBABILITY_MARGIN:g}); no filters when fewer than "
+                         f"{MIN_FOUND_LESIONS} true lesions are found",
             "validation": {"cases": len(cases), "true_lesions": sum(len(c.truth) for c, _ in cases),
                            "without_filters": baseline, "chosen": best_row},
             "grid": rows}
