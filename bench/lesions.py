@@ -24,6 +24,10 @@ bootstrap interval over cases, and the paired difference against ``today``. Also
 on this test set: optimistic, for orientation only).
 
   python bench/lesions.py --model MODEL --phantom work/test150 --cache work/bench_cache
+
+``--overhead N``: instead, the price of the lesion scores in predict on N cases: nnU-Net's export without
+probabilities (main before issue 17) against the export with probabilities plus scoring the lesion components,
+alternating, on the same logits; printed beside the time of the whole fast-mode case.
 """
 
 from __future__ import annotations
@@ -130,6 +134,41 @@ def predict_cases(model: Path, phantom: Path, variants: list[str], cache: Path, 
     return results
 
 
+def overhead(model: Path, phantom: Path, n_cases: int, repeats: int = 3) -> None:
+    """Seconds per case of the export without and with lesion scoring, alternating on the same logits."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    from nnunet_mtl.inference.lesion_filters import postprocess
+    from nnunet_mtl.inference.predict import PredictionMode, list_cases, load_predictor
+
+    predictor = load_predictor(model, mode=PredictionMode.fast())
+    pm, cm, lm = predictor.plans_manager, predictor.configuration_manager, predictor.label_manager
+    times = {"whole case (fast)": [], "export, main": [], "export + lesion scores": []}
+    for _, image in sorted(list_cases(phantom / "test").items())[:n_cases]:
+        start = time.perf_counter()
+        data, _, properties = cm.preprocessor_class(verbose=False).run_case([str(image)], None, pm, cm,
+                                                                            predictor.dataset_json)
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        times["whole case (fast)"].append(time.perf_counter() - start)
+        for repeat in range(repeats):
+            for variant in (("main", "scored") if repeat % 2 == 0 else ("scored", "main")):
+                start = time.perf_counter()
+                if variant == "main":
+                    convert_predicted_logits_to_segmentation_with_correct_shape(logits, pm, cm, lm, properties)
+                    times["export, main"].append(time.perf_counter() - start)
+                else:
+                    segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+                        logits, pm, cm, lm, properties, return_probabilities=True)
+                    postprocess(segmentation, probabilities, properties["spacing"])
+                    times["export + lesion scores"].append(time.perf_counter() - start)
+    for name, values in times.items():
+        print(f"{name:<26} {np.mean(values):.3f} s per case (median {np.median(values):.3f}, n={len(values)})")
+    extra = np.mean(times["export + lesion scores"]) - np.mean(times["export, main"])
+    print(f"lesion scores add {extra:.3f} s per case = {100 * extra / np.mean(times['whole case (fast)']):.1f} % of a "
+          "fast-mode case (preprocessing + network; export not included there)")
+
+
 def score(cases: list[CaseData], keep_largest: bool, filters) -> list[dict]:
     """Per-case lesion-wise numbers after the postprocessing given (exactly as predict applies it)."""
     from nnunet_mtl.evaluation.lesions import match_case
@@ -230,6 +269,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bins", default="0.2,1,5", help="true-lesion size bin edges in ml (default 0.2,1,5)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
+    parser.add_argument("--overhead", type=int, default=0, metavar="N",
+                        help="only measure what scoring lesion components adds to predict, on N cases")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
@@ -237,6 +278,12 @@ def main() -> int:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if not (args.phantom / "test").is_dir() or not (args.phantom / "test_groundtruth").is_dir():
         parser.error(f"{args.phantom} has no test/ and test_groundtruth/ folders")
+
+    if args.overhead:
+        print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+        overhead(args.model, args.phantom, args.overhead)
+        print(f"load after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+        return 0
 
     from nnunet_mtl.evaluation.lesions import froc, sensitivity_at_fp, summarise
     from nnunet_mtl.inference.lesion_filters import NO_FILTERS, LesionFilters, read_lesion_filters
