@@ -68,6 +68,11 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_finished_stages(tmp_path, monk
     assert f"demo bar ece <= 0.1: {ece:.3f} {'met' if ece <= 0.1 else 'NOT met'}" in out
     for name, bar in README_BARS.items():  # each bar printed against the measured number, with its verdict
         assert f"demo bar {name} >= {bar}: {measured[name]:.3f} {verdict(measured[name], bar)}" in out
+    lesions = summary["test_lesions"]  # lesion-wise sensitivity by size beside the bars (issue 17)
+    metrics = json.loads((predictions / "metrics.json").read_text())["lesions"]
+    assert lesions["by_size"] == {b["bin"]: f"{b['detected']}/{b['total']}" for b in metrics["by_size"]}
+    assert sum(int(v.split("/")[1]) for v in lesions["by_size"].values()) == metrics["n_true_lesions"] >= 3
+    assert "lesion-wise sensitivity by size: " + ", ".join(f"{k} {v}" for k, v in lesions["by_size"].items()) in out
     assert summary["reused"] == []
     assert len(list(predictions.glob("quiz_*.nii.gz"))) == 3
     report = predictions / "report" / "report.html"

@@ -55,6 +55,23 @@ def test_evaluate_mask_folder_writes_metrics_and_per_case_csv(tmp_path):
     text = format_summary(summary)
     assert "Dice whole pancreas" in text and "confusion matrix" in text
 
+    # lesion-wise: per case counts from independent flood-fill components, per-lesion rows, printed lines
+    from test_lesions import flood_components
+
+    lesions = written["lesions"]
+    per_lesion = read_per_case_csv(folders["pred"] / "metrics_per_lesion.csv")
+    for row in rows:
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folders["truth"] / f"{row['case']}.nii.gz")))
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(folders["pred"] / f"{row['case']}.nii.gz")))
+        assert int(row["true_lesions"]) == len(flood_components(truth == 2))
+        mine = [r for r in per_lesion if r["case"] == row["case"]]
+        assert sum(r["kind"] == "predicted" for r in mine) == len(flood_components(pred == 2))
+        assert int(row["false_positive_lesions"]) == sum(r["status"] == "false_positive" for r in mine)
+    assert lesions["false_positives"]["total"] == 2 and lesions["false_positives"]["by_location"]["outside"] == 2
+    assert lesions["n_detected"] == sum(r["status"] == "detected" for r in per_lesion) > 0
+    assert lesions["froc"]["fp_per_case"][-1] == pytest.approx(2 / 6) and lesions["presence_auc"] is None
+    assert "lesion sensitivity by size" in text and "false-positive lesions: 2 (0.33 per case" in text
+
 
 def write_raw_dataset(root: Path, folders: dict[str, Path], val: list[str]) -> Path:
     """The same cases as an nnU-Net raw dataset with subtypes in dataset.json and a two-fold split."""
@@ -86,7 +103,7 @@ def test_evaluate_nnunet_raw_dataset_uses_validation_fold(tmp_path):
     for p in folders["pred"].glob("quiz_*.nii.gz"):
         if p.name[:-7] not in val:
             p.unlink()
-    for name in ("subtype_results.csv", "subtype_probabilities.csv"):
+    for name in ("subtype_results.csv", "subtype_probabilities.csv", "lesion_candidates.csv"):
         with open(folders["pred"] / name) as f:
             header, *rows = list(csv.reader(f))
         write_csv(folders["pred"] / name, header, [r for r in rows if r[0][:-7] in val])
@@ -168,6 +185,27 @@ def test_truth_without_subtypes_evaluates_segmentation_only(tmp_path):
     assert summary["classification"] is None and "classification was not evaluated" in summary["notes"][0]
     summary = evaluate_folder(folders["pred"], folders["truth"], subtypes_csv=tmp_path / "truth_subtypes.csv")
     assert summary["classification"]["n_cases"] == 2
+
+
+def test_candidates_that_do_not_fit_the_masks_are_refused(tmp_path, capsys):
+    folders = make_synthetic_set(tmp_path, n_cases=3)
+    table = folders["pred"] / "lesion_candidates.csv"
+    lines = table.read_text().splitlines()
+    row = lines[1].split(",")
+    row[4:7] = ["0", "0", "0"]  # the peak voxel of the first component moved to the corner: no lesion there
+    table.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    with pytest.raises(EvaluationError, match=f"{row[0][:-7]}: .*lesion_candidates.csv does not fit its mask"):
+        evaluate_folder(folders["pred"], folders["truth"])
+    table.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # a component left without a score
+    assert main(["evaluate", "--pred", str(folders["pred"]), "--truth", str(folders["truth"])]) == 2
+    assert "have no score" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:  # argparse's exit for a malformed option
+        main(["evaluate", "--pred", str(folders["pred"]), "--truth", str(folders["truth"]), "--lesion-bins", "1,0.5"])
+    assert error.value.code == 2 and "increasing positive volumes" in capsys.readouterr().err
+    table.unlink()  # no table: lesion-wise numbers without FROC, and a note saying why
+    summary = evaluate_folder(folders["pred"], folders["truth"], lesion_size_bins_ml=(1.0,))
+    assert summary["lesions"]["froc"] is None and any("lesion_candidates.csv" in n for n in summary["notes"])
+    assert [b["bin"] for b in summary["lesions"]["by_size"]] == ["< 1 ml", ">= 1 ml"]
 
 
 def test_cli_evaluate_prints_table_and_fails_with_exit_2(tmp_path, capsys):

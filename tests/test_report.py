@@ -26,14 +26,17 @@ from nnunet_mtl.evaluation.report import (
     lesion_slice,
     plot_confusion_matrix,
     plot_dice_distribution,
+    plot_froc,
+    plot_lesion_sensitivity,
     plot_overlay,
     plot_reliability,
     plot_training_curves,
     select_overlay_cases,
+    wilson_interval,
 )
 
 ALL_FIGURES = {"confusion_matrix.png", "dice_distribution.png", "training_curves.png", "reliability_diagram.png",
-               "overlay_best.png", "overlay_median.png", "overlay_worst.png"}
+               "overlay_best.png", "overlay_median.png", "overlay_worst.png", "lesion_sensitivity.png", "froc.png"}
 CURVES = {"train_losses": [-0.1, -0.3, -0.5], "val_losses": [-0.05, -0.2, -0.4], "train_cls_losses": [1.1, 0.9, 0.7],
           "mean_fg_dice": [0.5, 0.7, 0.8], "ema_fg_dice": [0.5, 0.6, 0.7], "val_case_lesion_dice": [0.1, 0.3, 0.4],
           "val_cls_macro_f1": [0.3, None, 0.6], "lrs": [0.01, 0.0067, 0.0034], "epoch_end_timestamps": [1.0, 2.0, 3.0],
@@ -96,10 +99,11 @@ def test_report_without_images_or_probabilities_or_curves(tmp_path):
     page = build_report(folders["pred"])
     assert page == folders["pred"] / "report" / "report.html"
     parser = parse_page(page)
-    assert assert_embeds_every_figure(page.parent, parser) == {"confusion_matrix.png", "dice_distribution.png"}
+    assert assert_embeds_every_figure(page.parent, parser) == {"confusion_matrix.png", "dice_distribution.png",
+                                                               "lesion_sensitivity.png"}
     assert_tables_hold_metrics(parser, json.loads((folders["pred"] / "metrics.json").read_text()))
     text = page.read_text(encoding="utf-8")
-    assert "CT overlays skipped" in text and "no training curves" in text
+    assert "CT overlays skipped" in text and "no training curves" in text and "no FROC curve" in text
 
 
 def test_report_of_curves_only_and_of_nothing(tmp_path, capsys):
@@ -144,6 +148,33 @@ def test_figures_have_titles_axis_labels_and_class_names():
     truth = label_map((12, 40, 50), (6, 20, 25), (4, 12, 18), (6, 20, 32), (3, 5, 6))
     image = np.where(truth > 0, 60, -90).astype(np.int16)
     assert_readable(plot_overlay(image, truth, np.roll(truth, 2, axis=2), (2.0, 0.7, 0.7), "case"))
+    lesions = _lesion_summary()
+    figure = plot_lesion_sensitivity(lesions)
+    assert_readable(figure)
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["< 0.2 ml", "0.2-1 ml", "1-5 ml", ">= 5 ml"]
+    assert_readable(plot_froc(lesions))
+    assert plot_froc({**lesions, "froc": None}) is None
+
+
+def _lesion_summary() -> dict:
+    from nnunet_mtl.evaluation.lesions import match_case, summarise
+
+    truth = np.zeros((6, 30, 30), np.uint8)
+    truth[1:5, 2:28, 2:28] = 1
+    truth[2:4, 5:10, 5:10] = 2
+    pred = truth.copy()
+    pred[2:4, 5:9, 5:10] = 2
+    pred[2, 20, 20] = 2
+    cases = [match_case(pred, truth, (2.0, 1.0, 1.0), "a", [((2, 5, 5), 0.9), ((2, 20, 20), 0.6)])]
+    return summarise(cases)
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in ((8, 10), (0, 5), (5, 5), (17, 40)):
+        expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((expected.low, expected.high), abs=1e-3)
 
 
 def test_overlay_case_and_slice_selection():

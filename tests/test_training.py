@@ -187,6 +187,24 @@ def test_joint_loss_falls_on_an_easy_batch(tiny_env):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
+def test_lesion_loss_weight_weighs_lesion_voxels_in_the_cross_entropy(tiny_env):
+    """Issue 17's loss lever: the deep-supervision Dice+CE whose CE counts lesion voxels W times, checked against
+    torch's weighted cross-entropy computed directly (the Dice part is unchanged)."""
+    plain, weighted = make_trainer(), make_trainer(lesion_loss_weight=4.0)
+    assert weighted.loss.loss.ce.weight.tolist() == [1.0, 1.0, 4.0] and plain.loss.loss.ce.weight is None
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 8, 8)
+    target = torch.randint(0, 3, (2, 1, 4, 8, 8)).float()
+    for trainer, w in ((plain, 1.0), (weighted, 4.0)):
+        inner = trainer.loss.loss
+        expected = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), weight=torch.tensor([1.0, 1.0, w]))
+        assert inner.ce(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+        assert inner(logits, target).item() == pytest.approx(expected.item() + inner.dc(logits, target).item(),
+                                                             rel=1e-5)
+    with pytest.raises(ValueError, match="lesion loss weight"):
+        make_trainer(lesion_loss_weight=0.0)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cpu_precision_choice_runs_the_forward_pass_as_asked(tiny_env, bf16):
     """bfloat16 autocast on CPU only where asked (opt-in), fp32 losses either way."""
@@ -349,3 +367,34 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
     assert metrics["n_cases"] == 3  # one validation case per subtype
     header = (fold / "validation" / "subtype_results.csv").read_text().splitlines()[0]
     assert header == "Names,Subtype"
+    # issue 17: the false-lesion filters are decided beside the largest-component step, from the same 3 cases,
+    # and the validation predictions carry their scored lesion components
+    decision = json.loads((tiny_model / "postprocessing.json").read_text())
+    assert {"keep_largest_component", "lesion_filters"} <= set(decision)
+    filters = decision["lesion_filters"]
+    assert filters["validation"]["cases"] == 3 and filters["validation"]["true_lesions"] >= 3
+    assert len(filters["grid"]) >= 30 and any(row["admissible"] for row in filters["grid"])
+    chosen, without = filters["validation"]["chosen"], filters["validation"]["without_filters"]
+    assert chosen["detected"] == without["detected"]
+    if without["detected"] >= 3:
+        assert chosen["false_positives"] == min(r["false_positives"] for r in filters["grid"] if r["admissible"])
+    else:  # a one-iteration model finds (almost) nothing: no evidence to filter by
+        assert filters["description"] == "none" and chosen == without
+    assert (fold / "validation" / "lesion_candidates.csv").is_file()
+    assert metrics["lesions"]["n_cases"] == 3 and metrics["lesions"]["froc"] is not None
+
+
+def test_validation_only_decides_the_postprocessing_again(tiny_model, tiny_env, fold_1_removed_afterwards):
+    """nnU-Net's --val: a model trained before the lesion filters gets them without training again."""
+    decision_file = tiny_model / "postprocessing.json"
+    before = json.loads(decision_file.read_text())
+    checkpoint = (tiny_model / "fold_0" / "checkpoint_final.pth").read_bytes()
+    decision_file.write_text(json.dumps({"keep_largest_component": before["keep_largest_component"]}))
+    settings = TrainSettings(final_validation_fast=True)
+    result = train(TINY_DATASET_ID, TINY_PLANS, 0, "cpu", settings, validation_only=True)
+    after = json.loads(decision_file.read_text())
+    assert after["lesion_filters"]["grid"] == before["lesion_filters"]["grid"]  # same weights, same decision
+    assert result["metrics"]["n_cases"] == 3
+    assert (tiny_model / "fold_0" / "checkpoint_final.pth").read_bytes() == checkpoint  # nothing trained
+    with pytest.raises(FileNotFoundError, match="train the fold first"):
+        train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, validation_only=True)

@@ -72,8 +72,14 @@ def ct_image(labels: np.ndarray, subtype: int, rng: np.random.Generator) -> np.n
 
 def make_synthetic_set(root: Path, n_cases: int = 6, seed: int = 0, probabilities: bool = True,
                        shape=SHAPE) -> dict[str, Path]:
-    """Truth masks + subtype CSV, predictions (shifted, some lesions missed), images; returns the folders."""
+    """Truth masks + subtype CSV, predictions (shifted, some lesions missed), images; with ``probabilities`` also
+    subtype probabilities and predict's lesion_candidates.csv (a false lesion speck in every third case, a lesion
+    score per component); returns the folders."""
+    from nnunet_mtl.inference.lesion_candidates import find_candidates, write_candidates_table
+
     rng = np.random.default_rng(seed)
+    score_rng = np.random.default_rng(seed + 1000)  # its own stream: the masks stay those of earlier versions
+    candidates = {}
     folders = {name: root / name for name in ("truth", "pred", "images")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,10 @@ def make_synthetic_set(root: Path, n_cases: int = 6, seed: int = 0, probabilitie
         pred_lesion = None if i % 4 == 3 else tuple(r * rng.uniform(0.6, 1.2) for r in lesion_radii)
         pred = label_map(shape, tuple(c + s for c, s in zip(centre, shift)), radii,
                          tuple(c + s for c, s in zip(lesion_centre, shift)), pred_lesion)
+        if probabilities and i % 3 == 1:
+            pred[1, 2, 2:4] = 2  # a false lesion in a corner, away from the gland
+        lesion_probability = np.where(pred == 2, score_rng.uniform(0.4, 1.0, pred.shape), 0.05)
+        candidates[case] = find_candidates(pred, lesion_probability, SPACING_ZYX)[1]
         write_volume(folders["truth"] / f"{case}.nii.gz", truth, spacing_zyx=SPACING_ZYX)
         write_volume(folders["pred"] / f"{case}.nii.gz", pred, spacing_zyx=SPACING_ZYX)
         write_volume(folders["images"] / f"{case}_0000.nii.gz", ct_image(truth, subtype, rng), spacing_zyx=SPACING_ZYX)
@@ -105,4 +115,5 @@ def make_synthetic_set(root: Path, n_cases: int = 6, seed: int = 0, probabilitie
     if probabilities:
         write_csv(folders["pred"] / "subtype_probabilities.csv", ["Names", "Subtype", "prob_0", "prob_1", "prob_2"],
                   prob_rows)
+        write_candidates_table(folders["pred"], candidates)
     return folders

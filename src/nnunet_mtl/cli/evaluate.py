@@ -14,7 +14,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "subtype_probabilities.csv]) with the truth; write metrics.json and metrics_per_case.csv. "
                     "Whole-pancreas Dice is label > 0, lesion Dice label == 2; surface metrics use the voxel "
                     "spacing in mm. Both masks empty: Dice/NSD 1, HD95 0; one empty: Dice/NSD 0, HD95 = image "
-                    "diagonal.")
+                    "diagonal. Lesion-wise: 26-connected lesion components of truth and prediction, a true lesion "
+                    "is detected when a predicted component has IoU > --lesion-iou with it; sensitivity by size, "
+                    "false-positive lesions per case, Dice of detected lesions, and (with predict's "
+                    "lesion_candidates.csv) the FROC curve and lesion-presence AUC; one row per lesion in "
+                    "metrics_per_lesion.csv.")
     evaluate.add_argument("--pred", required=True, help="prediction folder")
     evaluate.add_argument("--truth", required=True,
                           help="nnU-Net raw dataset folder (evaluates the validation cases of --fold from "
@@ -29,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0,
                           help="tolerance of the normalised surface Dice in mm (default 2)")
     evaluate.add_argument("--out", default=None, help="where to write the metrics (default: the prediction folder)")
+    evaluate.add_argument("--lesion-bins", type=_bin_edges, default=(0.2, 1.0, 5.0), metavar="ML,ML,...",
+                          help="edges of the lesion size bins in ml (default 0.2,1,5: < 0.2, 0.2-1, 1-5, >= 5 ml)")
+    evaluate.add_argument("--lesion-iou", type=float, default=0.1,
+                          help="IoU above which a predicted lesion component matches a true lesion (default 0.1)")
+    evaluate.add_argument("--lesion-min-ml", type=float, default=0.1,
+                          help="the headline lesion sensitivity and the FROC count true lesions of at least this "
+                               "volume in ml (default 0.1)")
     evaluate.set_defaults(func=run_evaluate)
 
     report = subparsers.add_parser(
@@ -44,16 +55,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(func=run_report)
 
 
+def _bin_edges(text: str) -> tuple[float, ...]:
+    try:
+        edges = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        edges = ()
+    if not edges or any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise argparse.ArgumentTypeError(f"expected increasing positive volumes in ml like 0.2,1,5, got {text!r}")
+    return edges
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from nnunet_mtl.evaluation.evaluate import EvaluationError, evaluate_folder, format_summary
 
+    if not 0 <= args.lesion_iou < 1:
+        raise CliError(f"--lesion-iou must lie in [0, 1), got {args.lesion_iou}")
     try:
         summary = evaluate_folder(args.pred, args.truth, subtypes_csv=args.subtypes, fold=args.fold,
-                                  images_dir=args.images, tolerance_mm=args.tolerance_mm, out_dir=args.out)
+                                  images_dir=args.images, tolerance_mm=args.tolerance_mm, out_dir=args.out,
+                                  lesion_size_bins_ml=args.lesion_bins, lesion_iou_threshold=args.lesion_iou,
+                                  lesion_min_volume_ml=args.lesion_min_ml)
     except EvaluationError as e:
         raise CliError(str(e)) from None
     print(format_summary(summary))
-    print(f"wrote metrics.json and metrics_per_case.csv to {args.out or args.pred}")
+    print(f"wrote metrics.json, metrics_per_case.csv and metrics_per_lesion.csv to {args.out or args.pred}")
     return 0
 
 

@@ -12,15 +12,22 @@ writes into OUT:
   <case>.nii.gz               uint8 mask (0 background, 1 pancreas, 2 lesion), same size, spacing, origin and
                               direction as <case>_0000.nii.gz
   subtype_results.csv         header exactly Names,Subtype; rows like quiz_037.nii.gz,0
-  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (calibrated; each fold's, averaged)
+  subtype_probabilities.csv   Names,Subtype,prob_0,prob_1,prob_2 (calibrated; each fold's, averaged),
+                              lesion_found (1 when the mask holds a lesion, 0: the subtype is a guess),
+                              lesion_volume_ml (predicted lesion volume), lesion_probability (largest score)
   subtype_details.json        per case: every classifier variant's probabilities, the head's logits per fold,
                               whether a lesion was found, its volume (ml) and its features
+  lesion_candidates.csv       one row per lesion component of the masks: Names,component,voxels,volume_ml,
+                              peak_z,peak_y,peak_x (voxel of the largest lesion probability, array z,y,x order),
+                              max_probability (the score: largest softmax lesion probability in it),
+                              mean_probability,in_gland (1: in the largest foreground component)
 
 modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
 and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only (README: measured
 speed and accuracy). In every mode the subtype comes from one more patch-sized pass centred on the predicted lesion
 in the gland (--aggregation lesion_tile).
-Largest-component postprocessing follows the model's postprocessing.json unless overridden.
+Largest-component postprocessing and the false-lesion filters (minimum lesion volume, minimum lesion probability,
+lesions outside the gland) follow the model's postprocessing.json (chosen on its validation fold) unless overridden.
 A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
 and the exit status is 1 when any case failed.
 
@@ -56,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--largest-component", choices=["auto", "yes", "no"], default="auto",
                         help="keep only the largest connected pancreas component; auto = as the model's "
                              "validation decided (postprocessing.json in the model folder)")
+    parser.add_argument("--lesion-filters", choices=["auto", "off"], default="auto",
+                        help="remove likely false lesion components; auto = as the model's validation decided "
+                             "(postprocessing.json), off = keep every predicted lesion")
+    parser.add_argument("--min-lesion-ml", type=float, default=None, metavar="ML",
+                        help="remove lesion components smaller than this (overrides the model's choice)")
+    parser.add_argument("--min-lesion-probability", type=float, default=None, metavar="P",
+                        help="remove lesion components whose largest lesion probability is below P (overrides "
+                             "the model's choice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
     parser.set_defaults(func=run_predict)
@@ -81,8 +96,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from nnunet_mtl.training.run import resolve_device
 
     largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
-    mode = PredictionMode.fast(args.aggregation, largest_component=largest, classifier=args.classifier) if args.fast \
-        else PredictionMode(aggregation=args.aggregation, largest_component=largest, classifier=args.classifier)
+    filters = _lesion_filters(args)
+    options = {"largest_component": largest, "lesion_filters": filters, "classifier": args.classifier}
+    mode = PredictionMode.fast(args.aggregation, **options) if args.fast \
+        else PredictionMode(aggregation=args.aggregation, **options)
     try:
         report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
                                 resolve_device(args.device), mode, overwrite=args.overwrite)
@@ -95,6 +112,24 @@ def run_predict(args: argparse.Namespace) -> int:
     for message in report.failed.values():
         print(f"FAILED {message}")
     return 1 if report.failed else 0
+
+
+def _lesion_filters(args: argparse.Namespace):
+    """None (the model's decision) unless switched off or overridden on the command line."""
+    from nnunet_mtl.inference.lesion_filters import NO_FILTERS, LesionFilters, read_lesion_filters
+
+    if args.min_lesion_ml is not None and args.min_lesion_ml < 0:
+        raise CliError(f"--min-lesion-ml must be >= 0, got {args.min_lesion_ml}")
+    if args.min_lesion_probability is not None and not 0 <= args.min_lesion_probability <= 1:
+        raise CliError(f"--min-lesion-probability must lie in [0, 1], got {args.min_lesion_probability}")
+    if args.lesion_filters == "off" and args.min_lesion_ml is None and args.min_lesion_probability is None:
+        return NO_FILTERS
+    if args.min_lesion_ml is None and args.min_lesion_probability is None:
+        return None
+    base = NO_FILTERS if args.lesion_filters == "off" else read_lesion_filters(args.model)
+    return LesionFilters(base.min_volume_ml if args.min_lesion_ml is None else args.min_lesion_ml,
+                         base.min_probability if args.min_lesion_probability is None else args.min_lesion_probability,
+                         base.drop_outside_gland)
 
 
 def run_submission(args: argparse.Namespace) -> int:

@@ -63,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "mirroring, since CT comes in one orientation)")
     parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
                         help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")
+    parser.add_argument("--lesion-loss-weight", type=float, metavar="W",
+                        help="weight of lesion voxels in the segmentation cross-entropy (default 1, as nnU-Net)")
     parser.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
     parser.add_argument("--initial-weights", help="start from a checkpoint: ours or a segmentation-only nnU-Net "
                                                   "one (the head then starts fresh)")
@@ -97,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="predict the validation fold at the end in fast mode instead of nnU-Net's default "
                             "(step 0.5, mirroring) (default no)")
     parser.add_argument("--no-validation", action="store_true", help="skip the final validation-fold prediction")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="do not train: predict the validation fold with the final checkpoint and decide the "
+                             "postprocessing again (largest component, false-lesion filters), as nnU-Net's --val")
     add_workdir_argument(parser)
     parser.set_defaults(func=run)
     register_fit_classifier(subparsers)
@@ -120,10 +125,11 @@ def run(args: argparse.Namespace) -> int:
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
         attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
         mirror_augmentation=args.mirror_augmentation, max_rotation_degrees=args.max_rotation_degrees,
-        feature_model_kind=args.feature_model_kind)
+        feature_model_kind=args.feature_model_kind, lesion_loss_weight=args.lesion_loss_weight)
     try:
         result = train_folds(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
-                             initial_weights=args.initial_weights, validate=not args.no_validation)
+                             initial_weights=args.initial_weights, validate=not args.no_validation,
+                             validation_only=args.validation_only)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise CliError(str(e)) from None
     print(f"model folder: {result['model_folder']}")

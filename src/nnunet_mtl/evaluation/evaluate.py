@@ -1,7 +1,10 @@
 """Evaluate a prediction folder against ground truth and write ``metrics.json`` and ``metrics_per_case.csv``.
 
 The prediction folder holds one mask per case (``<case>.nii.gz``, labels 0 / 1 / 2), ``subtype_results.csv``
-(header exactly ``Names,Subtype``) and optionally ``subtype_probabilities.csv`` (``Names,Subtype,prob_0,...``).
+(header exactly ``Names,Subtype``) and optionally ``subtype_probabilities.csv`` (``Names,Subtype,prob_0,...``) and
+``lesion_candidates.csv`` (predict's score per lesion component, for the FROC curve and the lesion-presence AUC).
+Lesion-wise numbers (:mod:`nnunet_mtl.evaluation.lesions`) go into metrics.json under ``lesions`` and, one row per
+true lesion and predicted component, into ``metrics_per_lesion.csv``.
 
 Truth is one of:
 
@@ -21,6 +24,7 @@ Metric definitions and empty-mask conventions: :mod:`nnunet_mtl.evaluation.metri
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_mtl.evaluation import lesions as lesion_metrics
 from nnunet_mtl.evaluation.metrics import (
     DEFAULT_TOLERANCE_MM,
     EMPTY_CASE_CONVENTIONS,
@@ -41,6 +46,8 @@ SUBTYPES_CSV = "subtype_results.csv"
 PROBABILITIES_CSV = "subtype_probabilities.csv"
 METRICS_JSON = "metrics.json"
 PER_CASE_CSV = "metrics_per_case.csv"
+PER_LESION_CSV = "metrics_per_lesion.csv"
+LESION_COUNT_COLUMNS = ("true_lesions", "detected_lesions", "false_positive_lesions")
 SUBTYPE_HEADER = ["Names", "Subtype"]
 NIFTI = ".nii.gz"
 CHANNEL_SUFFIX = "_0000"
@@ -124,11 +131,12 @@ def read_subtypes_csv(path: Path, known: set[str]) -> dict[str, int]:
 
 
 def read_probabilities_csv(path: Path, known: set[str]) -> dict[str, list[float]]:
-    """Class probabilities per case from ``Names,Subtype,prob_0,...,prob_{K-1}``."""
+    """Class probabilities per case from ``Names,Subtype,prob_0,...,prob_{K-1}`` (later columns, such as
+    predict's lesion columns, are not probabilities and are ignored here)."""
     header, rows = _read_rows(path, None)
-    n_classes = len(header) - 2
+    n_classes = sum(1 for _ in itertools.takewhile(lambda h: h.startswith("prob_"), header[2:]))
     expected = SUBTYPE_HEADER + [f"prob_{k}" for k in range(n_classes)]
-    if n_classes < 2 or header != expected:
+    if n_classes < 2 or header[:2 + n_classes] != expected:
         raise EvaluationError(f"{path}: header is {','.join(header)!r}, expected Names,Subtype,prob_0,...,prob_K-1")
     probabilities: dict[str, list[float]] = {}
     for line, row in enumerate(rows, start=2):
@@ -136,7 +144,7 @@ def read_probabilities_csv(path: Path, known: set[str]) -> dict[str, list[float]
         if len(row) != len(header) or case in probabilities:
             raise EvaluationError(f"{path} line {line}: malformed or repeated row {row}")
         try:
-            values = [float(v) for v in row[2:]]
+            values = [float(v) for v in row[2:2 + n_classes]]
         except ValueError:
             raise EvaluationError(f"{path} line {line}: non-numeric probability in {row}") from None
         if not all(np.isfinite(values)):
@@ -271,7 +279,8 @@ def _targets(segmentation: dict, classification: dict | None) -> list[dict]:
 
 
 def _write_per_case_csv(path: Path, rows: list[dict], n_probabilities: int) -> None:
-    columns = (["case", *SEGMENTATION_METRICS, *VOLUME_COLUMNS, "subtype_true", "subtype_pred", "correct"]
+    columns = (["case", *SEGMENTATION_METRICS, *VOLUME_COLUMNS, *LESION_COUNT_COLUMNS, "subtype_true", "subtype_pred",
+                "correct"]
                + [f"prob_{k}" for k in range(n_probabilities)])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -282,10 +291,39 @@ def _write_per_case_csv(path: Path, rows: list[dict], n_probabilities: int) -> N
             writer.writerow(["" if v is None else v for v in values])
 
 
+def _read_lesion_scores(pred_dir: Path, known: set[str]) -> dict[str, list] | None:
+    """(peak voxel, score) points per case from predict's lesion_candidates.csv; None when the table is absent."""
+    from nnunet_mtl.inference.lesion_candidates import CANDIDATES_CSV, read_candidates_table
+
+    path = pred_dir / CANDIDATES_CSV
+    if not path.is_file():
+        return None
+    try:
+        table = read_candidates_table(path)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    unknown = {_csv_case(c, known) for c in table} - known
+    if unknown:
+        raise EvaluationError(f"{path} lists cases that are not in the truth: {_names(unknown)}")
+    return {_csv_case(c, known): [(k.peak, k.score) for k in rows] for c, rows in table.items()}
+
+
+def _write_lesion_csv(path: Path, cases: list[lesion_metrics.CaseLesions]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(lesion_metrics.LESION_ROW_COLUMNS)
+        for row in lesion_metrics.lesion_rows(cases):
+            writer.writerow(["" if row[c] is None else row[c] for c in lesion_metrics.LESION_ROW_COLUMNS])
+
+
 def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str | Path | None = None, fold: int = 0,
                     images_dir: str | Path | None = None, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                    out_dir: str | Path | None = None) -> dict:
-    """Evaluate every case, write ``metrics.json`` and ``metrics_per_case.csv`` (into ``out_dir`` or ``pred_dir``).
+                    out_dir: str | Path | None = None,
+                    lesion_size_bins_ml: tuple[float, ...] = lesion_metrics.DEFAULT_SIZE_BINS_ML,
+                    lesion_iou_threshold: float = lesion_metrics.DEFAULT_IOU_THRESHOLD,
+                    lesion_min_volume_ml: float = lesion_metrics.DEFAULT_MIN_VOLUME_ML) -> dict:
+    """Evaluate every case, write ``metrics.json``, ``metrics_per_case.csv`` and ``metrics_per_lesion.csv`` (into
+    ``out_dir`` or ``pred_dir``).
 
     Returns the summary written to metrics.json. Raises :class:`EvaluationError` naming the cases at fault when the
     two sides do not hold the same cases, geometries differ, labels are invalid or a CSV is malformed.
@@ -315,6 +353,10 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
             probabilities = read_probabilities_csv(probabilities_path, known)
             _check_same_cases("subtype probabilities", probabilities, gt.cases, probabilities_path)
 
+    lesion_scores = _read_lesion_scores(pred_dir, known)
+    if lesion_scores is None:
+        notes.append("no lesion_candidates.csv (written by predict): FROC and lesion-presence AUC need its scores")
+
     images = Path(images_dir) if images_dir is not None else gt.images_dir
     if images is not None:
         absent = [c for c in gt.cases if not image_path(images, c).is_file()]
@@ -332,11 +374,20 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
         raise EvaluationError(f"geometry differs for {len(geometry)} case(s): "
                               + " | ".join(f"{c}: {p}" for c, p in sorted(geometry.items())))
 
-    rows = []
+    rows, lesion_cases = [], []
     for case in gt.cases:
         truth_arr, spacing = read_label_map(gt.masks[case])
         pred_arr, _ = read_label_map(pred_masks[case])
         row: dict = {"case": case, **segmentation_metrics(pred_arr, truth_arr, spacing, tolerance_mm)}
+        try:
+            lesions = lesion_metrics.match_case(
+                pred_arr, truth_arr, spacing, case,
+                None if lesion_scores is None else lesion_scores.get(case, []), lesion_iou_threshold)
+        except ValueError as e:
+            raise EvaluationError(f"{case}: {pred_dir / 'lesion_candidates.csv'} does not fit its mask: {e}") from None
+        lesion_cases.append(lesions)
+        row.update(true_lesions=len(lesions.truth), detected_lesions=sum(t.detected for t in lesions.truth),
+                   false_positive_lesions=sum(p.false_positive for p in lesions.predicted))
         if pred_subtypes is not None:
             row.update(subtype_true=gt.subtypes[case], subtype_pred=pred_subtypes[case],
                        correct=gt.subtypes[case] == pred_subtypes[case])
@@ -354,6 +405,11 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
             raise EvaluationError(f"subtypes cannot be evaluated: {e}") from None
 
     segmentation = {m: _summary_stats([r[m] for r in rows]) for m in SEGMENTATION_METRICS}
+    try:
+        lesion_summary = lesion_metrics.summarise(lesion_cases, lesion_size_bins_ml, lesion_min_volume_ml,
+                                                  iou_threshold=lesion_iou_threshold)
+    except ValueError as e:
+        raise EvaluationError(f"lesion-wise evaluation: {e}") from None
     summary = {
         "schema_version": SCHEMA_VERSION,
         "n_cases": len(rows),
@@ -361,6 +417,7 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
         "metric_labels": METRIC_LABELS,
         "segmentation": segmentation,
         "classification": classification,
+        "lesions": lesion_summary,
         "targets": _targets(segmentation, classification),
         "conventions": EMPTY_CASE_CONVENTIONS,
         "notes": notes,
@@ -380,6 +437,7 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_JSON).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _write_per_case_csv(out / PER_CASE_CSV, rows, len(probabilities[gt.cases[0]]) if probabilities else 0)
+    _write_lesion_csv(out / PER_LESION_CSV, lesion_cases)
     return summary
 
 
@@ -402,6 +460,8 @@ def format_summary(summary: dict) -> str:
         lines.append(" " * width + "".join(f"{n:>{width}}" for n in cls["class_names"]))
         for name, row in zip(cls["class_names"], cls["confusion_matrix"]):
             lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    if summary.get("lesions"):
+        lines.extend(lesion_metrics.format_lesion_summary(summary["lesions"]))
     for target in summary["targets"]:
         if target["value"] is not None:
             verdict = "met" if target["met"] else "NOT met"

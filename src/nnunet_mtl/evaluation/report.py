@@ -13,6 +13,10 @@ Figures (PNG, written next to ``report.html``, each only when its data exists):
 - ``training_curves.png``: losses (total, segmentation, classification), segmentation Dice (patch pseudo Dice and
   case-level), classification metrics and learning rate per epoch;
 - ``reliability_diagram.png``: top-label calibration: accuracy per confidence bin against the diagonal, with ECE;
+- ``lesion_sensitivity.png``: lesion-wise sensitivity per true-lesion size bin (detected / total on each bar, 95 %
+  Wilson interval), false-positive lesions per case by size and by location (:mod:`~nnunet_mtl.evaluation.lesions`);
+- ``froc.png``: the FROC curve, sensitivity against false-positive lesions per case as the lesion-probability
+  threshold moves (needs predict's ``lesion_candidates.csv``);
 - ``overlay_best.png``, ``overlay_median.png``, ``overlay_worst.png``: the CT slice with the most truth lesion in
   the soft-tissue window (W400/L40), with true (solid) and predicted (dashed) pancreas and lesion contours; cases
   ranked by whole-pancreas Dice + lesion Dice.
@@ -66,6 +70,12 @@ CAPTIONS = {
                            "diagonal mean calibrated probabilities. Bottom: cases per bin.",
     "overlay": "Axial CT slice with the most truth lesion (window W400/L40). Solid = truth, dashed = prediction; "
                "green = whole pancreas, red = lesion.",
+    "lesion_sensitivity": "Lesion-wise detection. Left: share of true lesions detected (a predicted component with "
+                          "IoU > threshold) per lesion volume, detected / total on each bar, whiskers = 95 % Wilson "
+                          "interval. Right: false-positive lesion components per case, by volume and by where they "
+                          "sit relative to the true gland.",
+    "froc": "FROC: sensitivity against false-positive lesions per case as the lesion-probability threshold on "
+            "predicted components moves from high (left) to low (right); dotted lines mark the reported budgets.",
 }
 
 
@@ -248,6 +258,80 @@ def plot_reliability(calibration: dict):
     return fig
 
 
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest for the small counts of a size bin."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def plot_lesion_sensitivity(lesions: dict):
+    """Sensitivity per size bin (with counts and Wilson intervals) beside false positives per case."""
+    fig = _new_figure(11.0, 4.4)
+    left, right = fig.subplots(1, 2, width_ratios=[3, 2])
+    bins = lesions["by_size"]
+    x = np.arange(len(bins))
+    values = [b["sensitivity"] if b["sensitivity"] is not None else 0.0 for b in bins]
+    intervals = [wilson_interval(b["detected"], b["total"]) for b in bins]
+    errors = np.array([[v - lo if b["total"] else 0, hi - v if b["total"] else 0]
+                       for v, (lo, hi), b in zip(values, intervals, bins)]).T
+    left.bar(x, values, color="tab:blue", alpha=0.85, edgecolor="black", yerr=errors, capsize=4)
+    for i, b in enumerate(bins):
+        left.annotate(f"{b['detected']}/{b['total']}", (i, 0.02), ha="center", color="white" if values[i] > 0.1
+                      else "black", fontsize=9)
+    left.set_xticks(x, [b["bin"] for b in bins])
+    left.set_ylim(0, 1.05)
+    left.set_xlabel("true lesion volume")
+    left.set_ylabel("sensitivity (detected / total)")
+    large = lesions["sensitivity_min_volume"]
+    title = f"Lesion-wise sensitivity (IoU > {lesions['rule']['iou_threshold']:g})"
+    if large["sensitivity"] is not None:
+        title += f"; >= {large['min_volume_ml']:g} ml: {large['detected']}/{large['total']}"
+    left.set_title(title)
+    left.grid(axis="y", alpha=0.3)
+    fp = lesions["false_positives"]
+    n_cases = lesions["n_cases"]
+    labels = [b["bin"] for b in fp["by_size"]]
+    locations = list(fp["by_location"])
+    right.bar(np.arange(len(labels)), [b["count"] / n_cases for b in fp["by_size"]], color="tab:red", alpha=0.8,
+              edgecolor="black", label="by volume")
+    right.bar(len(labels) + 0.5 + np.arange(len(locations)), [fp["by_location"][k] / n_cases for k in locations],
+              color="tab:orange", alpha=0.8, edgecolor="black", label="by location (true gland)")
+    right.set_xticks(list(np.arange(len(labels))) + list(len(labels) + 0.5 + np.arange(len(locations))),
+                     labels + locations, rotation=30, ha="right")
+    right.set_xlabel("false lesion volume | location relative to the true gland")
+    right.set_ylabel("false-positive lesions per case")
+    right.set_title(f"False-positive lesions: {fp['per_case']:.2f} per case ({fp['total']} in {n_cases} cases)")
+    right.legend(fontsize=8)
+    right.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_froc(lesions: dict):
+    """FROC curve (sensitivity against false positives per case); None without predict's lesion scores."""
+    curve = lesions.get("froc")
+    if curve is None or curve["sensitivity"][0] is None:
+        return None
+    fig = _new_figure(6.0, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.step(curve["fp_per_case"], curve["sensitivity"], where="post", color="tab:blue", linewidth=1.6)
+    ax.plot(curve["fp_per_case"], curve["sensitivity"], "o", color="tab:blue", markersize=3)
+    for point in lesions.get("sensitivity_at_fp") or []:
+        ax.axvline(point["fp_budget"], color="gray", linestyle=":", linewidth=1)
+        ax.annotate(f"{point['sensitivity']:.2f}", (point["fp_budget"], point["sensitivity"]), fontsize=8,
+                    xytext=(3, -12), textcoords="offset points")
+    ax.set_xlabel("false-positive lesions per case")
+    ax.set_ylabel(f"sensitivity (true lesions >= {curve['min_volume_ml']:g} ml, n={curve['n_true_lesions']})")
+    ax.set_ylim(0, 1.03)
+    ax.set_xlim(left=0)
+    ax.set_title("FROC (threshold on the largest lesion probability per component)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def lesion_slice(truth: np.ndarray) -> int:
     """Axial index with the most truth lesion; the most pancreas when there is no lesion; the middle if empty."""
     for mask in (truth == 2, truth > 0):
@@ -392,6 +476,23 @@ def _metrics_sections(metrics: dict) -> str:
         matrix = [[f"truth: {name}", *row] for name, row in zip(cls["class_names"], cls["confusion_matrix"])]
         parts.append("<h3>Confusion matrix (rows truth, columns prediction)</h3>"
                      + _table([""] + [f"predicted: {n}" for n in cls["class_names"]], matrix))
+    lesions = metrics.get("lesions")
+    if lesions:
+        large, fp = lesions["sensitivity_min_volume"], lesions["false_positives"]
+        rows = [["true lesions detected", f"{lesions['n_detected']} / {lesions['n_true_lesions']}"],
+                [f"sensitivity, lesions >= {large['min_volume_ml']:g} ml", large["sensitivity"]],
+                ["false-positive lesions per case", fp["per_case"]],
+                ["false positives inside / at the border of / outside the true gland",
+                 " / ".join(str(v) for v in fp["by_location"].values())],
+                ["lesion-wise Dice of detected lesions (mean)", lesions["lesion_dice_detected"]["mean"]],
+                ["lesion-presence AUC", lesions["presence_auc"]]]
+        rows += [[f"sensitivity at <= {p['fp_budget']:g} false positives per case", p["sensitivity"]]
+                 for p in lesions.get("sensitivity_at_fp") or [] if p is not None]
+        parts.append(f"<h2>Lesion-wise detection ({html.escape(lesions['rule']['description'])})</h2>"
+                     + _table(["metric", "value"], rows))
+        parts.append(_table(["true lesion volume", "detected", "total", "sensitivity", "mean Dice of detected"],
+                            [[b["bin"], b["detected"], b["total"], b["sensitivity"], b["mean_dice_detected"]]
+                             for b in lesions["by_size"]]))
     return "\n".join(parts)
 
 
@@ -499,6 +600,14 @@ def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir:
         calibration = (metrics.get("classification") or {}).get("calibration")
         if calibration is not None:
             pending.append(("reliability_diagram", plot_reliability(calibration), CAPTIONS["reliability_diagram"]))
+        lesions = metrics.get("lesions")
+        if lesions and lesions["n_true_lesions"] + lesions["n_predicted"] > 0:
+            pending.append(("lesion_sensitivity", plot_lesion_sensitivity(lesions), CAPTIONS["lesion_sensitivity"]))
+            figure = plot_froc(lesions)
+            if figure is None:
+                inputs.notes.append("no lesion scores (predict's lesion_candidates.csv): no FROC curve")
+            else:
+                pending.append(("froc", figure, CAPTIONS["froc"]))
         pending.extend(_overlay_figures(metrics, inputs.notes))
     written = []
     for stem, figure, caption in pending:

@@ -42,17 +42,24 @@ def read_details(out_dir: Path) -> dict[str, dict]:
 
 
 def write_subtype_tables(out_dir: Path, probabilities: Mapping[str, np.ndarray],
+                         extra: Mapping[str, Mapping[str, object]] | None = None,
                          details: Mapping[str, dict] | None = None) -> None:
     """Write both tables for the cases given (case id -> class probabilities), sorted by case id, and the details
-    when given."""
+    (subtype_details.json) when given.
+
+    ``extra`` (case id -> {column: value}) adds columns after the probabilities of subtype_probabilities.csv only
+    (predict's lesion_found, lesion_volume_ml, lesion_probability); subtype_results.csv stays ``Names,Subtype``.
+    """
     cases = sorted(probabilities)
     n_classes = len(next(iter(probabilities.values()))) if cases else 0
+    extra_columns = list(next(iter(extra.values()))) if extra else []
     results = ["Names,Subtype"] + [f"{c}{MASK_ENDING},{int(np.argmax(probabilities[c]))}" for c in cases]
-    header = ["Names", "Subtype"] + [f"prob_{i}" for i in range(n_classes)]
+    header = ["Names", "Subtype"] + [f"prob_{i}" for i in range(n_classes)] + extra_columns
     rows = [",".join(header)]
     for c in cases:
         p = probabilities[c]
-        rows.append(",".join([f"{c}{MASK_ENDING}", str(int(np.argmax(p)))] + [f"{float(v):.6f}" for v in p]))
+        rows.append(",".join([f"{c}{MASK_ENDING}", str(int(np.argmax(p)))] + [f"{float(v):.6f}" for v in p]
+                             + [str(extra[c][k]) for k in extra_columns]))
     write_atomic_text(out_dir / SUBTYPE_CSV, "\n".join(results) + "\n")
     write_atomic_text(out_dir / PROBABILITY_CSV, "\n".join(rows) + "\n")
     if details is not None:

@@ -16,6 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_mtl.inference.lesion_candidates import (
+    CANDIDATES_CSV,
+    Candidate,
+    lesion_facts,
+    read_candidates_table,
+    write_candidates_table,
+)
+from nnunet_mtl.inference.lesion_filters import NO_FILTERS, LesionFilters, read_lesion_filters
+from nnunet_mtl.inference.lesion_filters import postprocess as postprocess_lesions
 from nnunet_mtl.inference.outputs import (
     MASK_ENDING,
     case_details,
@@ -49,12 +58,14 @@ class PredictionMode:
     classify: bool = True  # False: segmentation only (the head is not run; no subtype tables)
     largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
     classifier: str | None = None  # cnn | features | fused; None: the model's default (subtype_classifier.json)
+    lesion_filters: LesionFilters | None = None  # None: as the model's validation decided
 
     @classmethod
     def fast(cls, aggregation: str = "lesion_tile", classify: bool = True, largest_component: bool | None = None,
-             classifier: str | None = None) -> PredictionMode:
+             lesion_filters: LesionFilters | None = None, classifier: str | None = None) -> PredictionMode:
         return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
-                   classify=classify, largest_component=largest_component, classifier=classifier)
+                   classify=classify, largest_component=largest_component, lesion_filters=lesion_filters,
+                   classifier=classifier)
 
 
 @dataclass
@@ -155,9 +166,10 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
 
 
 def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str,
-                 keep_largest: bool = False) -> CaseSubtype | None:
+                 keep_largest: bool = False, filters: LesionFilters = NO_FILTERS,
+                 ) -> tuple[CaseSubtype | None, list[Candidate]]:
     """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype (None when the
-    predictor runs segmentation only)."""
+    predictor runs segmentation only) and the scored lesion components of the written mask."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
@@ -168,14 +180,16 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
     if predictor.last_fold_logits is not None:
         subtype = describe_case(predictor.last_fold_logits, data, logits.argmax(0).numpy(), cm.spacing, pm, cm,
                                 predictor.subtype_classifier, predictor.classifier_variant)
-    segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, pm, cm, predictor.label_manager, properties, return_probabilities=False)
+    segmentation, class_probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, pm, cm, predictor.label_manager, properties, return_probabilities=True)
     if keep_largest:
         segmentation = keep_largest_component(segmentation)
+    # the lesion components of the final mask, scored (and filtered, as the model's validation chose)
+    segmentation, candidates = postprocess_lesions(segmentation, class_probabilities, properties["spacing"], filters)
     tmp = output_dir / f".{case}.tmp{MASK_ENDING}"
     pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
     os.replace(tmp, output_dir / f"{case}{MASK_ENDING}")
-    return subtype
+    return subtype, candidates
 
 
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
@@ -192,28 +206,35 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
+    filters = read_lesion_filters(model_dir) if mode.lesion_filters is None else mode.lesion_filters
     probabilities = {} if overwrite else read_probability_table(output_dir)
     details = {} if overwrite else {c: d for c, d in read_details(output_dir).items() if c in probabilities}
+    # a finished case has its lesion components recorded too (a folder of an older version: predicted again)
+    recorded = not overwrite and (output_dir / CANDIDATES_CSV).is_file()
+    candidates = read_candidates_table(output_dir / CANDIDATES_CSV) if recorded else {}
     report = PredictionReport()
     bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
     for case, image_file in bar:
         bar.set_postfix_str(case)
-        if case in probabilities and (output_dir / f"{case}{MASK_ENDING}").is_file():
+        if recorded and case in probabilities and (output_dir / f"{case}{MASK_ENDING}").is_file():
             report.skipped.append(case)
             continue
         start = time.perf_counter()
         try:
             check_image(image_file)
-            subtype = predict_case(predictor, image_file, output_dir, case, keep_largest)
+            subtype, candidates[case] = predict_case(predictor, image_file, output_dir, case, keep_largest, filters)
         except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
             report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
             probabilities.pop(case, None)
             details.pop(case, None)
+            candidates.pop(case, None)
             continue
         report.seconds_per_case[case] = time.perf_counter() - start
         report.predicted.append(case)
+        write_candidates_table(output_dir, candidates)
         if subtype is not None:
             probabilities[case] = subtype.probabilities
             details[case] = case_details(subtype)
-            write_subtype_tables(output_dir, probabilities, details)
+            write_subtype_tables(output_dir, probabilities,
+                                 {c: lesion_facts(candidates.get(c, [])) for c in probabilities}, details)
     return report

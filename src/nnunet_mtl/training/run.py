@@ -40,6 +40,7 @@ class TrainSettings:
     max_rotation_degrees: float | None = None
     feature_model_kind: str | None = None
     head_lr_scale: float | None = None
+    lesion_loss_weight: float | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -97,11 +98,13 @@ def find_resume_checkpoint(output_folder: str | Path) -> Path | None:
 
 def train(dataset: str | int, plans: str = "default", fold: int | str = 0, device: str = "auto",
           settings: TrainSettings | None = None, resume: bool = False, initial_weights: str | None = None,
-          validate: bool = True, subtype_fit: str = "fold") -> dict:
+          validate: bool = True, subtype_fit: str = "fold", validation_only: bool = False) -> dict:
     """Train one fold (resuming if asked), then predict and score its validation cases (fitting the subtype
     classifier on the way, unless ``subtype_fit`` is "none").
 
-    Returns paths and the final validation metrics.
+    ``validation_only`` (nnU-Net's ``--val``): no training; the fold's final checkpoint predicts the validation
+    cases again and the postprocessing (largest component, false-lesion filters) is decided anew, e.g. for a model
+    trained before the lesion filters existed. Returns paths and the final validation metrics.
     """
     if resume and initial_weights:
         raise ValueError("--resume continues a run; --initial-weights starts one. Use one of them.")
@@ -109,6 +112,13 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
     apply_settings(trainer, settings or TrainSettings())
     trainer.subtype_fit = subtype_fit
     trainer.initialize()
+    if validation_only:
+        final = Path(trainer.output_folder) / "checkpoint_final.pth"
+        if not final.is_file():
+            raise FileNotFoundError(f"{final} not found: train the fold first")
+        trainer.load_checkpoint(str(final))
+        return {"output_folder": trainer.output_folder, "model_folder": trainer.output_folder_base,
+                "metrics": trainer.perform_actual_validation()}
     checkpoint = find_resume_checkpoint(trainer.output_folder) if resume else None
     if checkpoint is not None:
         trainer.load_checkpoint(str(checkpoint))
@@ -124,7 +134,7 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
 
 def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | tuple[str, ...] = ("0",),
                 device: str = "auto", settings: TrainSettings | None = None, resume: bool = False,
-                initial_weights: str | None = None, validate: bool = True) -> dict:
+                initial_weights: str | None = None, validate: bool = True, validation_only: bool = False) -> dict:
     """Train each fold in turn (a fold whose final checkpoint exists is kept when resuming); with several folds the
     subtype classifier is fitted once at the end on their out-of-fold predictions.
 
@@ -136,13 +146,13 @@ def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | t
     several = len(folds) > 1
     for fold in folds:
         trainer_folder = Path(build_trainer(dataset, plans, fold, device).output_folder)
-        if resume and several and (trainer_folder / "checkpoint_final.pth").is_file() \
+        if resume and several and not validation_only and (trainer_folder / "checkpoint_final.pth").is_file() \
                 and (trainer_folder / "validation" / "metrics.json").is_file():
             print(f"fold {fold}: finished earlier, kept")
             model_folder = trainer_folder.parent
             continue
         results[fold] = train(dataset, plans, fold, device, settings, resume, initial_weights, validate,
-                              subtype_fit="none" if several else "fold")
+                              subtype_fit="none" if several else "fold", validation_only=validation_only)
         model_folder = Path(results[fold]["model_folder"])
     classifier = None
     if several and validate and model_folder is not None:

@@ -16,6 +16,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   with a smaller rotation range. CT crops come in one patient orientation, so left-right mirrored anatomy is
   never seen at prediction; a short run should not spend capacity on it (demo only; default unchanged).
 - ``initialize``: adds the subtype loss (class weights, label smoothing) and freezing of parts.
+- ``_build_loss``: nnU-Net's Dice + CE with deep supervision; optionally lesion voxels weigh
+  ``lesion_loss_weight`` times more in the CE (issue 17: small lesions are a few dozen of a patch's voxels).
 - ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches.
 - ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype);
   options: the subtype loss over patches that show lesion only, and the attention head attending to the true
@@ -40,6 +42,7 @@ import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
@@ -97,6 +100,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.optimizer_name = "sgd"  # or "adamw"
         self.mirror_augmentation = True
         self.max_rotation_degrees: float | None = None  # None: nnU-Net's range (30 degrees here, 180 in 2D)
+        self.lesion_loss_weight = 1.0
         self.skipped_steps = 0
         self.case_validation_every = 1
         self.final_validation_fast = False
@@ -152,7 +156,20 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                f"cls weight {self.classification_loss_weight}, frozen {self.frozen_parts}; "
                                f"optimizer {self.optimizer_name} at {self.initial_lr}, mirroring "
                                f"{self.mirror_augmentation}, rotation limit {rotation}, "
-                               f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}")
+                               f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}, lesion CE weight "
+                               f"{self.lesion_loss_weight}")
+
+    def _build_loss(self):
+        """nnU-Net's loss; with ``lesion_loss_weight`` != 1 its cross-entropy weighs lesion voxels that much more."""
+        loss = super()._build_loss()
+        if self.lesion_loss_weight != 1.0:
+            if self.lesion_loss_weight <= 0:
+                raise ValueError(f"lesion loss weight must be > 0, got {self.lesion_loss_weight}")
+            inner = loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
+            weight = torch.ones(self.label_manager.num_segmentation_heads)
+            weight[LESION_LABEL] = self.lesion_loss_weight
+            inner.ce.weight = weight.to(self.device)  # nn.CrossEntropyLoss's own class-weight buffer
+        return loss
 
     def configure_optimizers(self):
         head = list(self.model.classifier.parameters())

@@ -8,7 +8,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``perform_actual_validation``: nnU-Net's hard-codes the stock predictor, which fails on a network with two
   outputs; ours predicts masks and subtypes of the validation fold, exports them in the original geometry, stores
   each case's subtype record and fits the subtype classifier (:mod:`~nnunet_mtl.training.subtype_fit`), decides the
-  largest-component postprocessing (as nnU-Net does after validation) and scores the fold as the task defines.
+  largest-component postprocessing (as nnU-Net does after validation), then the false-lesion filters
+  (:mod:`nnunet_mtl.inference.lesion_filters`), and scores the fold as the task defines.
 
 New here: :meth:`CaseValidationMixin.case_level_validation`, run during training to pick the best checkpoint.
 """
@@ -22,14 +23,15 @@ from time import time
 
 import numpy as np
 import torch
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.helpers import empty_cache
 from sklearn.metrics import accuracy_score, f1_score
 from torch import distributed as dist
 
+from nnunet_mtl.evaluation.lesions import match_case
 from nnunet_mtl.evaluation.metrics import dice
-from nnunet_mtl.inference import postprocessing
+from nnunet_mtl.inference import lesion_filters, postprocessing
+from nnunet_mtl.inference.lesion_candidates import find_candidates, lesion_facts, write_candidates_table
 from nnunet_mtl.inference.outputs import write_subtype_tables
 from nnunet_mtl.inference.predict import PredictionMode
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
@@ -126,8 +128,38 @@ class CaseValidationMixin:
             records.append(self._predict_record(predictor, key, data)[1])
         return records
 
+    def _export_validation_case(self, logits: torch.Tensor, properties: dict, out: Path, key: str,
+                                save_probabilities: bool) -> dict:
+        """Write the case's mask (nnU-Net's export, with probabilities) and return the lesion evidence the filter
+        choice needs: its scored lesion components, matched to the truth, without and with the largest component."""
+        from batchgenerators.utilities.file_and_folder_operations import save_pickle
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        segmentation, class_probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.float().cpu(), self.plans_manager, self.configuration_manager, self.label_manager, properties,
+            return_probabilities=True)
+        ending = self.dataset_json["file_ending"]
+        tmp = out / f".{key}.tmp{ending}"
+        self.plans_manager.image_reader_writer_class().write_seg(segmentation.astype(np.uint8), str(tmp), properties)
+        os.replace(tmp, out / f"{key}{ending}")
+        if save_probabilities:  # nnU-Net's files beside the mask, as its export writes them
+            np.savez_compressed(out / f"{key}.npz", probabilities=class_probabilities)
+            save_pickle(properties, str(out / f"{key}.pkl"))
+        if class_probabilities.shape[0] <= LESION_LABEL:
+            return {}
+        truth_file = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations" / f"{key}{ending}"
+        truth, _ = self.plans_manager.image_reader_writer_class().read_seg(str(truth_file))
+        evidence = {}
+        for largest in (False, True):
+            mask = postprocessing.keep_largest_component(segmentation) if largest else segmentation
+            _, candidates = find_candidates(mask, class_probabilities[LESION_LABEL], properties["spacing"])
+            evidence[largest] = (match_case(mask, truth[0], properties["spacing"], key,
+                                            [(c.peak, c.score) for c in candidates]), candidates)
+        return evidence
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> dict | None:
-        """Predict the validation fold (masks in original geometry + subtypes) and score it as the task does.
+        """Predict the validation fold (masks in original geometry + subtypes), decide the postprocessing on it and
+        score it as the task does.
 
         On the way: each case's subtype record is stored (``subtype_records.json``), and with ``subtype_fit ==
         "fold"`` the subtype classifier is fitted (the fold's training cases predicted for the feature model) and
@@ -142,17 +174,13 @@ class CaseValidationMixin:
         out.mkdir(parents=True, exist_ok=True)
         _, val_keys = self.do_split()
         dataset = self._validation_dataset(val_keys)
-        records = []
+        records, evidence = [], {}
         with torch.no_grad():
             for key in dataset.identifiers:
                 data, _, _, properties = dataset.load_case(key)
                 logits, record = self._predict_record(predictor, key, data)
                 records.append(record)
-                tmp = out / f".{key}.tmp"
-                export_prediction_from_logits(logits.float().cpu(), properties, self.configuration_manager,
-                                              self.plans_manager, self.dataset_json, str(tmp), save_probabilities)
-                os.replace(out / f".{key}.tmp{self.dataset_json['file_ending']}",
-                           out / f"{key}{self.dataset_json['file_ending']}")
+                evidence[key] = self._export_validation_case(logits, properties, out, key, save_probabilities)
         fold_dir, model_dir = Path(self.output_folder), Path(self.output_folder_base)
         if self.local_rank == 0:
             save_records(fold_dir, "validation", records)
@@ -176,17 +204,33 @@ class CaseValidationMixin:
             else:
                 variants = classifier.probabilities(record["fold_logits"], record["features"])
                 probabilities[record["case"]] = variants[classifier.default_variant]
-        write_subtype_tables(out, probabilities)
         self.set_deep_supervision_enabled(True)
         empty_cache(self.device)
         if self.local_rank != 0:
+            write_subtype_tables(out, probabilities)
             return None
+        keys = list(dataset.identifiers)
         truth = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
-        decision = postprocessing.determine(out, truth, list(dataset.identifiers))
+        decision = postprocessing.determine(out, truth, keys)
         postprocessing.write_decision(model_dir, decision)
         self.print_to_log_file(f"largest-component postprocessing: {decision}")
-        if decision["keep_largest_component"]:
-            postprocessing.apply_to_folder(out, list(dataset.identifiers))
+        largest = decision["keep_largest_component"]
+        if largest:
+            postprocessing.apply_to_folder(out, keys)
+        candidates = {key: [] for key in keys}
+        if all(evidence.values()):
+            cases = [evidence[key][largest] for key in keys]
+            choice = lesion_filters.choose(cases, allow_outside_gland=not largest)
+            lesion_filters.write_decision(model_dir, choice)
+            self.print_to_log_file(f"false-lesion filters: {choice['description']}; validation "
+                                   f"{json.dumps({k: choice['validation'][k] for k in ('cases', 'true_lesions')})}, "
+                                   f"without: {choice['validation']['without_filters']}, "
+                                   f"chosen: {choice['validation']['chosen']}")
+            filters = lesion_filters.read_lesion_filters(model_dir)
+            candidates = lesion_filters.apply_to_folder(out, {key: evidence[key][largest][1] for key in keys},
+                                                        filters)
+        write_candidates_table(out, candidates)
+        write_subtype_tables(out, probabilities, {key: lesion_facts(candidates[key]) for key in keys})
         raw_dataset = Path(str(nnUNet_raw)) / self.plans_manager.dataset_name if nnUNet_raw.is_set() else None
         if raw_dataset is None or not raw_dataset.is_dir():
             self.print_to_log_file("raw dataset not found: validation predictions written, not scored")
