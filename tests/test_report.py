@@ -78,8 +78,8 @@ def test_report_from_prediction_folder_is_valid_self_contained_html(evaluated_ru
 def test_a_browser_renders_the_report_with_its_figures(report_page, tmp_path):
     """Headless Chromium renders the page at the asked size; the figures' colours are on screen (tables and text
     alone, or broken images, are grey)."""
-    pixels = chromium_screenshot(report_page, tmp_path, size=(1200, 1800))
-    assert pixels.shape[:2] == (1800, 1200)
+    pixels = chromium_screenshot(report_page, tmp_path, size=(1200, 4000))
+    assert pixels.shape[:2] == (4000, 1200)
     assert (pixels[..., :3] < 0.9).any(axis=-1).mean() > 0.05  # not a blank page
     assert coloured_fraction(pixels) > 0.01
 

@@ -489,7 +489,7 @@ def _metrics_sections(metrics: dict) -> str:
         rows += [[f"sensitivity at <= {p['fp_budget']:g} false positives per case", p["sensitivity"]]
                  for p in lesions.get("sensitivity_at_fp") or [] if p is not None]
         parts.append(f"<h2>Lesion-wise detection ({html.escape(lesions['rule']['description'])})</h2>"
-                     + _table(["metric", "value"], rows))
+                     + _table(["lesion-wise metric", "value"], rows))
         parts.append(_table(["true lesion volume", "detected", "total", "sensitivity", "mean Dice of detected"],
                             [[b["bin"], b["detected"], b["total"], b["sensitivity"], b["mean_dice_detected"]]
                              for b in lesions["by_size"]]))
