@@ -113,13 +113,24 @@ def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset):
 
 
 class _LesionAt(torch.nn.Module):
-    """Stands in for the network: lesion where the input is above 1, subtype logits that name the input's shape."""
+    """Stands in for the network: lesion where the input is above 1, subtype logits that name the input's shape;
+    counts its whole-network and encoder-and-head passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
     def forward(self, x):
+        self.calls.append("forward")
         segmentation = torch.zeros(x.shape[0], 3, *x.shape[2:])
         segmentation[:, 0] = 1.0
         segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
         return segmentation, torch.tensor([[float(x.shape[2]), float(x.shape[3]), float(x.shape[4])]])
+
+    def classify(self, x, lesion_probability):
+        self.calls.append("classify")
+        assert lesion_probability.shape[2:] == x.shape[2:]
+        return torch.tensor([[float(x.shape[2]), float(x.shape[3]), float(x.shape[4])]])
 
 
 def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):
@@ -132,6 +143,15 @@ def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_mod
     (record,) = predictor.tile_records
     assert record.logits.tolist() == patch.tolist()  # the patch-sized tile decided, not the whole crop
     assert record.lesion_voxels == 2 * 4 * 4  # and it holds the whole lesion
+    # one network pass over the crop, then the encoder and head alone on the lesion's patch
+    assert predictor.network.calls == ["forward", "classify"]
+    predictor.lesion_tile_attention = "tile"  # the patch's own whole-network pass (before the cut): same record
+    predictor.network.calls.clear()
+    predictor.predict_with_current_weights(image)
+    (record,) = predictor.tile_records
+    assert record.logits.tolist() == patch.tolist() and record.lesion_voxels == 2 * 4 * 4
+    assert predictor.network.calls == ["forward", "forward"]
+    predictor.lesion_tile_attention = "crop"
     predictor.predict_with_current_weights(torch.zeros(1, *(patch * [1, 2, 2])))  # no lesion: the single pass
     (record,) = predictor.tile_records
     assert record.logits.tolist() == (patch * [1, 2, 2]).tolist()

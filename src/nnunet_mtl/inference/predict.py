@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_mtl.inference import engines
 from nnunet_mtl.inference.lesion_candidates import (
     CANDIDATES_CSV,
     Candidate,
@@ -59,13 +60,16 @@ class PredictionMode:
     largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
     classifier: str | None = None  # cnn | features | fused; None: the model's default (subtype_classifier.json)
     lesion_filters: LesionFilters | None = None  # None: as the model's validation decided
+    engine: str = "torch"  # what runs the network: torch, openvino, onnxruntime or auto (inference/engines.py)
+    precision: str = "fp32"  # fp32 or bf16 (CPUs with native bfloat16 only)
+    lesion_tile_attention: str = "crop"  # the subtype patch attends to the crop's lesion ("tile": its own pass)
 
     @classmethod
-    def fast(cls, aggregation: str = "lesion_tile", classify: bool = True, largest_component: bool | None = None,
-             lesion_filters: LesionFilters | None = None, classifier: str | None = None) -> PredictionMode:
+    def fast(cls, aggregation: str = "lesion_tile", classify: bool = True,
+             largest_component: bool | None = None, **options) -> PredictionMode:
+        """No mirroring, tile step 1.0, single pass over small crops; ``options``: any other field."""
         return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
-                   classify=classify, largest_component=largest_component, lesion_filters=lesion_filters,
-                   classifier=classifier)
+                   classify=classify, largest_component=largest_component, **options)
 
 
 @dataclass
@@ -120,6 +124,18 @@ def find_checkpoints(model_dir: Path, folds: list[str] | None, checkpoint: str |
     return found
 
 
+def build_engine(mode: PredictionMode, network: torch.nn.Module, parameters: dict, patch_size, device: torch.device,
+                 model_dir: Path, log=None) -> engines.Engine:
+    """The engine ``mode`` names, exports cached in the model folder; ``auto`` measured once per model and CPU."""
+    engines.check_engine(mode.engine, mode.precision, device)
+    cache_dir = engines.engine_cache_dir(model_dir)
+    name = mode.engine
+    if name == "auto":
+        name = "torch" if device.type != "cpu" else engines.choose_engine(
+            network, engines.weights_key(parameters), tuple(patch_size), mode.precision, cache_dir, log=log or print)
+    return engines.make_engine(name, mode.precision, device, cache_dir)
+
+
 def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: str | None = None,
                    device: torch.device = CPU, mode: PredictionMode = PredictionMode(),
                    verbose: bool = False) -> MultiTaskPredictor:
@@ -148,11 +164,14 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
     network.return_classification = mode.classify
     if mode.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
+    engine = build_engine(mode, network, parameters[0], configuration_manager.patch_size, device, model_dir,
+                          log=print if verbose or mode.engine == "auto" else None)
     predictor = MultiTaskPredictor(tile_step_size=mode.tile_step_size, use_gaussian=True,
                                    use_mirroring=mode.use_mirroring, perform_everything_on_device=True,
                                    device=device, verbose=verbose, allow_tqdm=False,
                                    aggregation=mode.aggregation, single_pass_max_patches=mode.single_pass_max_patches,
-                                   channels_last=mode.channels_last)
+                                   channels_last=mode.channels_last, engine=engine,
+                                   lesion_tile_attention=mode.lesion_tile_attention)
     predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     "nnUNetTrainerMTL", tuple(mirror_axes) if mirror_axes is not None else None)
     predictor.subtype_classifier = load_classifier(model_dir) if mode.classify else None
@@ -203,6 +222,7 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
     from tqdm import tqdm
 
     cases = check_folders(input_dir, output_dir)
+    engines.check_engine(mode.engine, mode.precision, device)  # refused by name before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component

@@ -12,7 +12,11 @@ Overrides of :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` (
   the phantom test set, a single pass over the whole crop gave the same whole-pancreas Dice as tiling at step 1.0
   (0.827 vs 0.829), a better lesion Dice (0.446 vs 0.399: no tile borders) in a quarter of the time. With the
   default ``lesion_tile`` aggregation, in every mode, the subtype then comes from one extra patch-sized forward pass
-  centred on the predicted lesion in the gland, the field of view the head learned on.
+  centred on the predicted lesion in the gland, the field of view the head learned on: by default the encoder and
+  the head alone (``MultiTaskUNet.classify``), attending to the lesion probability of the pass already made.
+
+The network's forward passes go through an engine (:mod:`nnunet_mtl.inference.engines`: torch, OpenVINO, ONNX
+Runtime; fp32 or bf16), bound to each fold's weights before nnU-Net's sliding window runs.
 
 Everything else (preprocessing, Gaussian weighting, resampling back to the original geometry) is nnU-Net's.
 """
@@ -28,10 +32,12 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnunet_mtl.inference.engines import Engine, TorchEngine, weights_key
 from nnunet_mtl.model.lesion_features import select_lesion
 from nnunet_mtl.model.subtype_classifier import SubtypeClassifier
 
 AGGREGATIONS = ("lesion_tile", "lesion_weighted", "mean")
+LESION_TILE_ATTENTION = ("crop", "tile")
 
 
 def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
@@ -84,10 +90,17 @@ class MultiTaskPredictor(nnUNetPredictor):
     """Sliding-window prediction of masks and one subtype per case."""
 
     def __init__(self, *args, aggregation: str = "lesion_tile", single_pass_max_patches: float = 0.0,
-                 lesion_label: int = 2, channels_last: bool = False, **kwargs):
+                 lesion_label: int = 2, channels_last: bool = False, engine: Engine | None = None,
+                 lesion_tile_attention: str = "crop", **kwargs):
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+        if lesion_tile_attention not in LESION_TILE_ATTENTION:
+            raise ValueError(f"unknown lesion tile attention {lesion_tile_attention!r}; "
+                             f"choose one of {LESION_TILE_ATTENTION}")
+        self.engine = engine if engine is not None else TorchEngine()
+        self.lesion_tile_attention = lesion_tile_attention
+        self._weights_keys: dict[int, str] = {}
         self.aggregation = aggregation
         self.single_pass_max_patches = single_pass_max_patches
         self.lesion_label = lesion_label
@@ -123,9 +136,24 @@ class MultiTaskPredictor(nnUNetPredictor):
         return segmentation
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(segmentation, subtype logits); logits are None when the head is switched off (segmentation only)."""
-        output = self.network(x)
-        return output if isinstance(output, tuple) else (output, None)
+        """(segmentation, subtype logits) from the engine; logits are None when the head is switched off."""
+        return self.engine.forward(x)
+
+    def _bind_engine(self) -> None:
+        """Hand the engine the network with this fold's weights (nnU-Net has just loaded them into it).
+
+        Exported engines find their export by a hash of the weights: each fold's parameters are hashed once; the
+        trainer's validation (no parameter list, weights that change every epoch) hashes the network as it is."""
+        weights = None
+        if self.engine.exported:
+            parameters = self.list_of_parameters
+            if parameters and self.fold_index < len(parameters):
+                if self.fold_index not in self._weights_keys:
+                    self._weights_keys[self.fold_index] = weights_key(parameters[self.fold_index])
+                weights = self._weights_keys[self.fold_index]
+            else:
+                weights = weights_key(self.network.state_dict())
+        self.engine.bind(self.network, weights)
 
     def _record_tile(self, segmentation: torch.Tensor, subtype_logits: torch.Tensor) -> None:
         lesion = 0.0
@@ -164,6 +192,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         The lesion-centred patch decides with ``lesion_tile``, and after a single pass whatever the aggregation:
         over a whole crop the head drifts (see :meth:`_classify_on_lesion_tile`)."""
         first_record = len(self.tile_records)
+        self._bind_engine()
         patch_voxels = float(np.prod(self.configuration_manager.patch_size))
         too_big = np.prod(input_image.shape[1:]) > self.single_pass_max_patches * patch_voxels
         # On CUDA every new crop shape makes cuDNN tune its kernels again (measured on an H200: fast mode with a
@@ -199,8 +228,12 @@ class MultiTaskPredictor(nnUNetPredictor):
         The head learned on patch-sized, lesion-centred tiles. Over a whole crop the encoder's instance
         normalisation sees another field of view and the head drifts (measured on the demo's test set: macro-F1
         0.37 from the single pass, 0.64 from tiles at step 0.5 over the same model); tiles weighted by their
-        predicted lesion volume let false lesions away from the gland vote. One extra patch forward pass, on the
+        predicted lesion volume let false lesions away from the gland vote. One extra patch-sized pass, on the
         lesion :func:`lesion_centre` picks; without a predicted lesion the tiles' own records stand.
+
+        ``lesion_tile_attention="crop"`` (default): the encoder and head alone run on the patch, attending to the
+        lesion probability of the pass already made over the crop, cropped to the patch; ``"tile"``: the whole
+        network runs on the patch and its own decoder gives the attention (twice the work).
         """
         centre = lesion_centre(logits.argmax(0).cpu().numpy(), self.lesion_label)
         if centre is None:
@@ -208,9 +241,30 @@ class MultiTaskPredictor(nnUNetPredictor):
         patch = np.array(self.configuration_manager.patch_size)
         shape = np.array(image.shape[1:])
         start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
-        tile = image[(slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))]
-        tile = pad_nd_image(tile, [int(p) for p in patch])[None].to(self.device)  # a crop smaller than the patch
+        region = (slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))
+        tile = pad_nd_image(image[region], [int(p) for p in patch])[None].to(self.device)  # crops thinner than it
         del self.tile_records[first_record:]
+        if self.lesion_tile_attention == "tile":
+            with self._autocast():
+                self._internal_maybe_mirror_and_predict(tile)
+            return
+        tile_logits = logits[region].float()
+        lesion_voxels = float((tile_logits.argmax(0) == self.lesion_label).sum())
+        # the last label is the lesion, as in the network's own attention (MultiTaskUNet.forward)
+        probability = pad_nd_image(torch.softmax(tile_logits, 0)[-1:], [int(p) for p in patch])[None]
         with self._autocast():
-            self._internal_maybe_mirror_and_predict(tile)
+            subtype_logits = self._classify_mirrored(tile, probability.to(self.device))
+        for row in subtype_logits.float().cpu():
+            self.tile_records.append(TileRecord(row, lesion_voxels, self.fold_index))
 
+    def _classify_mirrored(self, tile: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
+        """The engine's encoder-and-head pass, averaged over the same mirrors as the segmentation."""
+        logits = self.engine.classify(tile, probability)
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        if mirror_axes is None:
+            return logits
+        axes = [m + 2 for m in mirror_axes]
+        combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+        for combination in combinations:
+            logits = logits + self.engine.classify(torch.flip(tile, combination), torch.flip(probability, combination))
+        return logits / (len(combinations) + 1)

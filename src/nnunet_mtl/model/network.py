@@ -15,6 +15,7 @@ from __future__ import annotations
 import pydoc
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +73,18 @@ class MultiScaleHead(_StagesHead):
         return self.mlp(torch.cat(pooled, dim=1))
 
 
-def _pool_to(weights: torch.Tensor, size: torch.Size) -> torch.Tensor:
+def _pool_to(weights: torch.Tensor, size: torch.Size, factor: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Average ``weights`` down to ``size``; by a fixed ``factor`` (the stage's stride) when the sizes divide.
+
+    An average pool with a constant kernel gives the same bins as adaptive pooling on divisible sizes (patches and
+    stride-padded crops always are), and it exports to ONNX with free spatial sizes, which adaptive pooling to a
+    size read from another tensor does not.
+    """
+    if factor is not None and all(w == s * f for w, s, f in zip(weights.shape[2:], size, factor)):
+        if all(f == 1 for f in factor):
+            return weights
+        pool = F.avg_pool3d if weights.ndim == 5 else F.avg_pool2d
+        return pool(weights, kernel_size=factor, stride=factor)
     pool = F.adaptive_avg_pool3d if weights.ndim == 5 else F.adaptive_avg_pool2d
     return pool(weights, size)
 
@@ -100,21 +112,32 @@ class LesionAttentionHead(_StagesHead):
     image_moments = 2  # mean and standard deviation per input channel
 
     def __init__(self, channels: list[int], num_subtypes: int, n_stages: int = 3, hidden: int = 128,
-                 dropout: float = 0.3, input_channels: int = 1):
+                 dropout: float = 0.3, input_channels: int = 1, stage_strides: list[tuple[int, ...]] | None = None):
         super().__init__(channels, num_subtypes, n_stages, hidden, dropout, self.image_moments * input_channels)
+        # each stage's total stride relative to the input (None: pool adaptively), see _pool_to
+        self.stage_strides = stage_strides
 
     def forward(self, skips: list[torch.Tensor], lesion_probability: torch.Tensor,
                 image: torch.Tensor) -> torch.Tensor:
         pooled = []
-        for feature in skips[-self.n_stages:]:
-            weights = _pool_to(lesion_probability, feature.shape[2:]).flatten(2) + 1e-6
+        strides = self.stage_strides or [None] * len(skips)
+        for feature, stride in zip(skips[-self.n_stages:], strides[-self.n_stages:]):
+            weights = _pool_to(lesion_probability, feature.shape[2:], stride).flatten(2) + 1e-6
             pooled.append((feature.flatten(2) * weights).sum(dim=2) / weights.sum(dim=2))
-        weights = _pool_to(lesion_probability, image.shape[2:]).flatten(2) + 1e-6
+        weights = _pool_to(lesion_probability, image.shape[2:], (1,) * (image.ndim - 2)).flatten(2) + 1e-6
         flat = image.flatten(2)
         mean = (flat * weights).sum(dim=2) / weights.sum(dim=2)
         variance = ((flat - mean[..., None]) ** 2 * weights).sum(dim=2) / weights.sum(dim=2)
         pooled += [mean, torch.sqrt(variance + 1e-6)]
         return self.mlp(torch.cat(pooled, dim=1))
+
+
+def _stage_strides(encoder: nn.Module) -> list[tuple[int, ...]] | None:
+    """Each encoder stage's stride relative to the input: the product of the per-stage strides up to it."""
+    strides = getattr(encoder, "strides", None)  # per stage, one entry per axis (PlainConv and ResEnc encoders)
+    if strides is None:
+        return None
+    return [tuple(int(v) for v in row) for row in np.cumprod(np.array(strides, dtype=int), axis=0)]
 
 
 class MultiTaskUNet(nn.Module):
@@ -149,7 +172,8 @@ class MultiTaskUNet(nn.Module):
             self.classifier = MultiScaleHead(channels, num_subtypes, head_stages, head_hidden, head_dropout)
         else:
             self.classifier = LesionAttentionHead(channels, num_subtypes, head_stages, head_hidden, head_dropout,
-                                                  input_channels)
+                                                  input_channels, _stage_strides(self.encoder))
+        self.input_channels = input_channels
         self.num_subtypes = num_subtypes
         self.head_kind = head
         self.return_classification = return_classification
@@ -164,17 +188,35 @@ class MultiTaskUNet(nn.Module):
         segmentation = self.decoder(skips)
         if not self.return_classification:
             return segmentation
+        if self.head_kind == "lesion_attention" and lesion_mask is None:
+            full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
+            # the last label is the lesion (the class whose kind the head names); detached: classification must
+            # not bend the segmentation
+            with torch.autocast(x.device.type, enabled=False):
+                lesion_mask = torch.softmax(full.detach().float(), dim=1)[:, -1:]
+        return segmentation, self._head(skips, x, lesion_mask)
+
+    def classify(self, x: torch.Tensor, lesion_probability: torch.Tensor | None = None) -> torch.Tensor:
+        """Subtype logits from the encoder and the head alone, for a tile whose lesion probability is known.
+
+        Prediction first segments the crop, then classifies one patch centred on the predicted lesion; the decoder
+        pass over that patch would only recompute the lesion probability the crop's pass already gave (about half
+        of the patch's network time at full size). ``lesion_probability`` (B, 1, *spatial) is needed by the
+        lesion-attention head only.
+        """
+        if self.head_kind == "lesion_attention" and lesion_probability is None:
+            raise ValueError("the lesion-attention head needs the tile's lesion probability")
+        return self._head(self.encoder(x), x, lesion_probability)
+
+    def _head(self, skips: list[torch.Tensor], x: torch.Tensor, lesion_probability: torch.Tensor | None
+              ) -> torch.Tensor:
         # The head runs in fp32 even under autocast: it sums features over a whole patch or crop (overflow in fp16,
         # 8 bits of mantissa in bfloat16, NaN losses measured on CPU), and costs next to nothing at any precision.
         with torch.autocast(x.device.type, enabled=False):
             skips = [s.float() for s in skips]
             if self.head_kind != "lesion_attention":
-                return segmentation, self.classifier(skips)
-            if lesion_mask is None:
-                full = segmentation[0] if isinstance(segmentation, (list, tuple)) else segmentation
-                # the last label is the lesion (the class whose kind the head names)
-                lesion_mask = torch.softmax(full.detach().float(), dim=1)[:, -1:]
-            return segmentation, self.classifier(skips, lesion_mask.float(), x.float())
+                return self.classifier(skips)
+            return self.classifier(skips, lesion_probability.float(), x.float())
 
     def initialize(self, module: nn.Module) -> None:
         """Called by nnU-Net's builder through ``network.apply(network.initialize)``: the backbone's own init."""

@@ -52,6 +52,7 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
+from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
 from nnunet_mtl.training.checkpoints import CheckpointMixin, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
@@ -65,12 +66,6 @@ FREEZABLE_PARTS = ("encoder", "decoder", "head")
 LESION_LABEL = 2
 __all__ = ["ADAMW_DEFAULT_LR", "OPTIMIZERS", "nnUNetTrainerMTL", "cpu_has_fast_bf16"]
 COMBINED_EMA = 0.8  # weight of the previous value; short runs need a faster average than nnU-Net's 0.9
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively; elsewhere bfloat16 autocast is emulated and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence looked up defensively
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
