@@ -27,6 +27,9 @@ class _BrightIsLesion(torch.nn.Module):
         segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
         return segmentation, torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
 
+    def classify(self, x, lesion_probability=None):  # the encoder-and-head pass of the lesion-centred patch
+        return torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
+
 
 def test_training_stored_records_and_a_classifier(tiny_model):
     """Every validation case and every training case has a record of the head's logits; the classifier was fitted
@@ -55,7 +58,7 @@ def test_predict_writes_the_chosen_variant_and_every_opinion(tiny_model, tiny_da
     image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
     out = tmp_path / "out"
     out.mkdir()
-    subtype = predict_case(predictor, image, out, "case")
+    subtype, _ = predict_case(predictor, image, out, "case")
     assert subtype.lesion_found and subtype.features is not None and subtype.variant == "fused"
     mean = subtype.features["lesion.stat_mean"]
     features = softmax(np.array([-1.0, 0.0, 1.0]) * (mean - 100.0) / 50.0 / 0.5)
@@ -64,7 +67,7 @@ def test_predict_writes_the_chosen_variant_and_every_opinion(tiny_model, tiny_da
     assert np.allclose(subtype.variants["cnn"], cnn) and np.allclose(subtype.variants["features"], features)
     assert np.allclose(subtype.probabilities, fused)
     predictor.classifier_variant = "cnn"
-    assert np.allclose(predict_case(predictor, image, out, "case").probabilities, cnn)
+    assert np.allclose(predict_case(predictor, image, out, "case")[0].probabilities, cnn)
 
 
 def test_predict_folder_records_details_and_refuses_a_feature_variant_without_a_feature_model(tiny_model,
