@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0,
                           help="tolerance of the normalised surface Dice in mm (default 2)")
     evaluate.add_argument("--out", default=None, help="where to write the metrics (default: the prediction folder)")
-    evaluate.set_defaults(func=run_evaluate)
+    evaluate.set_defaults(func=run_evaluate, interrupted="nothing was written: run it again")
 
     report = subparsers.add_parser(
         "report", help="figures and a self-contained report.html from evaluate's metrics or a training fold",
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--training-dir", default=None,
                         help="training fold folder with training_curves.json (default: found next to the run)")
     report.add_argument("--out", default=None, help="output folder (default: RUN_OR_OUTPUT_DIR/report)")
-    report.set_defaults(func=run_report)
+    report.set_defaults(func=run_report, interrupted="report.html was not written (figures may be): run it again")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -91,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "(step 0.5, mirroring) (default no)")
     parser.add_argument("--no-validation", action="store_true", help="skip the final validation-fold prediction")
     add_workdir_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="the checkpoint of the last finished epoch is kept: add --resume "
+                                                "to continue from it")
     register_ext_trainer_path(subparsers)
 
 
