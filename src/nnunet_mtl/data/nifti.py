@@ -12,9 +12,10 @@ raises exceptions that name no file. So :func:`read_volume`
 2. parses the header with nibabel (NIfTI-1 or NIfTI-2, either byte order) and requires the data after
    ``vox_offset`` to hold exactly the voxels the header announces;
 3. takes geometry (spacing, origin, direction in ITK's LPS convention) and pixel type from ITK's own header reader
-   (``ReadImageInformation`` reads the header only), and the voxels from the verified buffer, scaled as ITK scales
-   them (``scl_slope`` 0 or NaN counts as 1), so an intact file gives exactly what ``sitk.ReadImage`` gives
-   (the tests compare both over the NIfTI data types and scalings);
+   (``ReadImageInformation`` over the verified header bytes, copied to a small temporary file, so ITK never reads
+   the file itself), and the voxels from the verified buffer, scaled as ITK scales them (``scl_slope`` 0 or NaN
+   counts as 1), so an intact file gives exactly what ``sitk.ReadImage`` gives (the tests compare both over the
+   NIfTI data types and scalings);
 4. requires a 3D single-channel volume of integers or floats without NaN or inf.
 
 Every failure is a :class:`NiftiError` that names the file and says what is wrong. :func:`read_geometry` is the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +135,7 @@ def read_volume(path: Path | str, what: str = "volume", keep_file_bytes: bool = 
     if len(raw) > expected:
         raise NiftiError(path, f"holds {len(raw) - expected} bytes beyond the {_shape(shape)} voxels of "
                                f"{dtype.name} its header announces: header and data disagree")
-    geometry, components = _itk_header(path)
+    geometry, components = _itk_header(path, raw[:offset])
     _check_volume(path, what, geometry, components, dtype)
     if int(np.prod(geometry.size)) != n_voxels:
         raise NiftiError(path, f"ITK reads {list(geometry.size)} voxels where the header announces {_shape(shape)}")
@@ -149,8 +151,9 @@ def read_volume(path: Path | str, what: str = "volume", keep_file_bytes: bool = 
 
 
 def read_geometry(path: Path | str, what: str = "volume") -> Geometry:
-    """Header only, for files whose voxels are not used: a NIfTI header (checked as :func:`read_volume` checks it)
-    of a 3D single-channel volume. Cut-off or damaged voxel data further on is not seen here."""
+    """Header only, for files whose voxels are not used (an image that gives a reference grid): a NIfTI header,
+    checked as :func:`read_volume` checks it, of a 3D single-channel volume. The geometry depends on the header
+    bytes only, so damage further on (not seen here) cannot change it."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -161,12 +164,21 @@ def read_geometry(path: Path | str, what: str = "volume") -> Geometry:
         raise NiftiError(path, "is empty (0 bytes)")
     compressed = data[:2] == GZIP_MAGIC
     if compressed:
+        # inflate no further than the header needs, so damage further on cannot stop the reading
+        stream = zlib.decompressobj(wbits=31)
         try:
-            data = zlib.decompressobj(wbits=31).decompress(data, NIFTI2_HEADER_BYTES * 4)
+            head = stream.decompress(data, NIFTI2_HEADER_BYTES)
+            _, offset, _, _ = _parse_header(path, head, compressed, header_only=True)
+            if offset > len(head):
+                head += stream.decompress(stream.unconsumed_tail, offset - len(head))
         except zlib.error as e:
             raise NiftiError(path, f"has a damaged gzip stream ({e})") from None
-    header, _, _, dtype = _parse_header(path, data, compressed, header_only=True)
-    geometry, components = _itk_header(path)
+        data = head
+    header, offset, _, dtype = _parse_header(path, data, compressed, header_only=True)
+    if len(data) < offset:
+        raise NiftiError(path, f"is cut short inside its NIfTI header and extensions ({len(data)} of {offset} "
+                               "bytes)")
+    geometry, components = _itk_header(path, data[:offset])
     _check_volume(path, what, geometry, components, dtype)
     return geometry
 
@@ -260,16 +272,22 @@ def _guess_format(raw: bytes) -> str:
     return f"no NIfTI header; first bytes {raw[:8]!r}"
 
 
-def _itk_header(path: Path) -> tuple[Geometry, int]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.SetImageIO("NiftiImageIO")  # the bytes are NIfTI (checked above), whatever the file name says
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        reason = re.sub(r"^.*?ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1]) if lines else "no reason given"
-        raise NiftiError(path, f"ITK cannot read its header ({reason.replace(str(path), 'the file')})") from None
+def _itk_header(path: Path, header_bytes: bytes) -> tuple[Geometry, int]:
+    """ITK's reading of the header (geometry in its conventions, pixel type, dimensions), from the verified header
+    bytes in a temporary file (ITK reads only the header from it, and nothing of the damaged region of a file)."""
+    with tempfile.TemporaryDirectory(prefix="nnunet-mtl-header-") as folder:
+        header_file = Path(folder) / "header.nii"
+        header_file.write_bytes(header_bytes)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(header_file))
+        reader.SetImageIO("NiftiImageIO")
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            reason = re.sub(r"^.*?ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1]) if lines else "no reason given"
+            reason = reason.replace(str(header_file), "the file")
+            raise NiftiError(path, f"ITK cannot read its header ({reason})") from None
     geometry = Geometry(tuple(int(s) for s in reader.GetSize()), tuple(reader.GetSpacing()),
                         tuple(reader.GetOrigin()), tuple(reader.GetDirection()), int(reader.GetPixelID()))
     return geometry, int(reader.GetNumberOfComponents())
