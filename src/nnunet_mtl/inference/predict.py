@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_mtl.data.nifti import NiftiError, Volume, read_geometry, read_volume
 from nnunet_mtl.inference.outputs import MASK_ENDING, read_probability_table, write_subtype_tables
 from nnunet_mtl.inference.postprocessing import keep_largest_component, read_decision
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.paths import make_dirs
+from nnunet_mtl.tempfiles import remove_stale, temp_path
+from nnunet_mtl.training.checkpoints import CheckpointError, read_checkpoint
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -53,12 +57,14 @@ class PredictionReport:
     predicted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # damaged outputs of an earlier run, predicted again
     seconds_per_case: dict[str, float] = field(default_factory=dict)
 
 
 def list_cases(input_dir: Path) -> dict[str, Path]:
-    """Case id -> image file, for ``<case>_0000.nii.gz`` files (single-channel CT)."""
-    return {p.name[: -len(IMAGE_SUFFIX)]: p for p in sorted(input_dir.glob(f"*{IMAGE_SUFFIX}"))}
+    """Case id -> image file, for ``<case>_0000.nii.gz`` files (single-channel CT); hidden files are not cases."""
+    return {p.name[: -len(IMAGE_SUFFIX)]: p for p in sorted(input_dir.glob(f"*{IMAGE_SUFFIX}"))
+            if not p.name.startswith(".")}
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> dict[str, Path]:
@@ -73,21 +79,36 @@ def check_folders(input_dir: Path, output_dir: Path) -> dict[str, Path]:
     return cases
 
 
-def check_image(path: Path) -> None:
-    """The errors nnU-Net would report cryptically, or not at all (ITK reads NaN as 0), named with the file."""
-    from nnunet_mtl.data.checks import check_finite, check_shape, read_nifti
+def read_image(path: Path) -> Volume:
+    """The verified image (:mod:`nnunet_mtl.data.nifti`): what nnU-Net would report cryptically, or not at all (a
+    cut .nii.gz reads as zeros, NaN as 0), is an error named with the file."""
+    try:
+        return read_volume(path, "image")
+    except NiftiError as e:
+        raise InputError(f"{path.name}: {e.problem}") from None
 
-    image, problems = read_nifti(path)
-    if image is not None:
-        problems = check_shape(image, "image") or check_finite(image, path, "image")
-    if problems:
-        raise InputError(f"{path.name}: {'; '.join(problems)}")
+
+def finished_mask_problem(mask_file: Path, image_file: Path, n_labels: int) -> str | None:
+    """Why a mask of an earlier run cannot be kept (damaged since, or not on the image's grid); None when intact."""
+    try:
+        mask = read_volume(mask_file, "mask")
+        image = read_geometry(image_file, "image")
+    except NiftiError as e:
+        return f"{e.path.name}: {e.problem}"
+    if mask.array.dtype != np.uint8 or mask.geometry.size != image.size or not (
+            np.allclose(mask.geometry.spacing, image.spacing, rtol=1e-6) and
+            np.allclose(mask.geometry.origin, image.origin, atol=1e-4) and
+            np.allclose(mask.geometry.direction, image.direction, atol=1e-6)):
+        return f"{mask_file.name}: not a uint8 mask on the grid of {image_file.name}"
+    if int(mask.array.max(initial=0)) >= n_labels:
+        return f"{mask_file.name}: labels beyond 0..{n_labels - 1}"
+    return None
 
 
 def find_checkpoints(model_dir: Path, folds: list[str] | None, checkpoint: str | None) -> list[Path]:
     if not (model_dir / "plans.json").is_file() or not (model_dir / "dataset.json").is_file():
         raise InputError(f"{model_dir} is not a trained model folder (needs plans.json, dataset.json, fold_*/)")
-    fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_*"))
+    fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_[0-9]*"))
     found = []
     for fold_dir in fold_dirs:
         names = [checkpoint] if checkpoint else CHECKPOINTS
@@ -113,7 +134,10 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
     dataset_json = json.loads((model_dir / "dataset.json").read_text())
     parameters, mirror_axes, configuration = [], None, None
     for path in checkpoints:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = read_checkpoint(path, hint=": choose one with --checkpoint NAME")
+        except CheckpointError as e:
+            raise InputError(str(e)) from None
         parameters.append(state["network_weights"])
         mirror_axes = state.get("inference_allowed_mirroring_axes")
         configuration = state["init_args"]["configuration"]
@@ -124,6 +148,12 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, allow_init=False,
         deep_supervision=False)
+    for path, weights in zip(checkpoints, parameters):
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as e:
+            raise InputError(f"{path}: its weights do not fit the network of {model_dir / 'plans.json'} "
+                             f"({str(e).splitlines()[0]})") from None
     network.load_state_dict(parameters[0])
     network.return_classification = mode.classify
     if mode.channels_last:
@@ -142,19 +172,30 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
                  keep_largest: bool = False) -> np.ndarray | None:
     """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype probabilities (None
     when the predictor runs segmentation only)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     preprocessor = cm.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
+    volume = read_image(image_file)
+    if pm.image_reader_writer_class is SimpleITKIO:  # the verified voxels, as nnU-Net's reader returns them
+        data, properties = volume.nnunet_input()
+        data, _, properties = preprocessor.run_case_npy(data, None, properties, pm, cm, predictor.dataset_json)
+    else:  # another reader in the plans: nnU-Net reads the (verified) file itself
+        del volume
+        data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
     segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, predictor.label_manager, properties, return_probabilities=False)
     if keep_largest:
         segmentation = keep_largest_component(segmentation)
-    tmp = output_dir / f".{case}.tmp{MASK_ENDING}"
-    pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
-    os.replace(tmp, output_dir / f"{case}{MASK_ENDING}")
+    final = output_dir / f"{case}{MASK_ENDING}"
+    tmp = temp_path(final, MASK_ENDING)
+    try:
+        pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return predictor.last_subtype_probabilities
 
 
@@ -164,33 +205,48 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
                    progress: bool = True) -> PredictionReport:
     """Predict every case; finished cases of an earlier run are kept unless ``overwrite``.
 
-    A case that fails is reported and the others are still predicted.
+    A case that fails is reported and the others are still predicted. A kept mask is read again first (whole, on
+    its image's grid); a damaged one is predicted again. Temporaries of a killed earlier run are removed; an output
+    folder created here and left empty (every case failed) is removed.
     """
     from tqdm import tqdm
 
     cases = check_folders(input_dir, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
-    probabilities = {} if overwrite else read_probability_table(output_dir)
+    created = not output_dir.exists()
+    make_dirs(output_dir)
     report = PredictionReport()
-    bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
-    for case, image_file in bar:
-        bar.set_postfix_str(case)
-        if case in probabilities and (output_dir / f"{case}{MASK_ENDING}").is_file():
-            report.skipped.append(case)
-            continue
-        start = time.perf_counter()
-        try:
-            check_image(image_file)
-            case_probabilities = predict_case(predictor, image_file, output_dir, case, keep_largest)
-        except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
-            report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
-            probabilities.pop(case, None)
-            continue
-        report.seconds_per_case[case] = time.perf_counter() - start
-        report.predicted.append(case)
-        if case_probabilities is not None:
-            probabilities[case] = case_probabilities
-            write_subtype_tables(output_dir, probabilities)
+    try:
+        remove_stale(output_dir)
+        probabilities = {} if overwrite else read_probability_table(output_dir, report.notes)
+        n_labels = len(predictor.label_manager.all_labels)
+        bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
+        for case, image_file in bar:
+            bar.set_postfix_str(case)
+            mask_file = output_dir / f"{case}{MASK_ENDING}"
+            if case in probabilities and mask_file.is_file():
+                problem = finished_mask_problem(mask_file, image_file, n_labels)
+                if problem is None:
+                    report.skipped.append(case)
+                    continue
+                report.notes.append(f"{problem}; predicting {case} again")
+                probabilities.pop(case)
+            start = time.perf_counter()
+            try:
+                case_probabilities = predict_case(predictor, image_file, output_dir, case, keep_largest)
+            except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
+                report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
+                mask_file.unlink(missing_ok=True)  # the outputs list exactly the finished cases
+                if probabilities.pop(case, None) is not None:
+                    write_subtype_tables(output_dir, probabilities)
+                continue
+            report.seconds_per_case[case] = time.perf_counter() - start
+            report.predicted.append(case)
+            if case_probabilities is not None:
+                probabilities[case] = case_probabilities
+                write_subtype_tables(output_dir, probabilities)
+    finally:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
     return report
