@@ -314,9 +314,8 @@ def _class_name(names: list[str] | None, label: int) -> str:
 
 def _overlay_figures(metrics: dict, notes: list[str]) -> list[tuple[str, object, str]]:
     """(file stem, figure, caption) for the best, median and worst cases; notes say why overlays are missing."""
-    import SimpleITK as sitk
-
-    from nnunet_mtl.evaluation.evaluate import read_label_map
+    from nnunet_mtl.data.nifti import NiftiError, read_volume
+    from nnunet_mtl.evaluation.evaluate import EvaluationError, read_label_map
 
     sources = metrics.get("sources", {})
     if not metrics.get("per_case"):
@@ -333,9 +332,12 @@ def _overlay_figures(metrics: dict, notes: list[str]) -> list[tuple[str, object,
         if absent:
             notes.append(f"overlay of {case} skipped: {', '.join(absent)} not found")
             continue
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0])))
-        truth, spacing = read_label_map(files[1])
-        pred, _ = read_label_map(files[2])
+        try:  # every file through the verified reader: a damaged one stops the report, named
+            image = read_volume(files[0], "image").array
+            truth, spacing = read_label_map(files[1])
+            pred, _ = read_label_map(files[2])
+        except (NiftiError, EvaluationError) as e:
+            raise ReportError(f"overlay of {case}: {e}") from None
         row = next(r for r in metrics["per_case"] if r["case"] == case)
         title = (f"{' / '.join(roles).capitalize()} case {case}: whole-pancreas Dice {row['dice_pancreas']:.3f}, "
                  f"lesion Dice {row['dice_lesion']:.3f}")

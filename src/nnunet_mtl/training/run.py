@@ -11,6 +11,7 @@ import torch
 
 from nnunet_mtl import paths
 from nnunet_mtl.planning.plans import CONFIGURATION, dataset_name, resolve_plans_identifier
+from nnunet_mtl.tempfiles import remove_stale
 
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
@@ -105,6 +106,7 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
     trainer = build_trainer(dataset, plans, fold, device, continue_training=resume)
     apply_settings(trainer, settings or TrainSettings())
     trainer.initialize()
+    remove_stale(Path(trainer.output_folder))  # a checkpoint being written when a run was killed
     checkpoint = find_resume_checkpoint(trainer.output_folder) if resume else None
     if checkpoint is not None:
         trainer.load_checkpoint(str(checkpoint))

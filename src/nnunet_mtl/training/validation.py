@@ -32,6 +32,7 @@ from nnunet_mtl.inference import postprocessing
 from nnunet_mtl.inference.outputs import write_subtype_tables
 from nnunet_mtl.inference.predict import PredictionMode
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.tempfiles import owner_tag, remove_stale
 
 LESION_LABEL = 2
 
@@ -106,6 +107,7 @@ class CaseValidationMixin:
         predictor = self._predictor(fast=self.final_validation_fast)
         out = Path(self.output_folder) / "validation"
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)  # temporaries of a killed earlier validation
         _, val_keys = self.do_split()
         dataset = self._validation_dataset(val_keys)
         probabilities = {}
@@ -113,10 +115,10 @@ class CaseValidationMixin:
             for key in dataset.identifiers:
                 data, _, _, properties = dataset.load_case(key)
                 logits, probabilities[key] = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                tmp = out / f".{key}.tmp"
+                tmp = out / f".{key}.{owner_tag()}"  # nnU-Net appends the file ending
                 export_prediction_from_logits(logits.float().cpu(), properties, self.configuration_manager,
                                               self.plans_manager, self.dataset_json, str(tmp), save_probabilities)
-                os.replace(out / f".{key}.tmp{self.dataset_json['file_ending']}",
+                os.replace(out / f"{tmp.name}{self.dataset_json['file_ending']}",
                            out / f"{key}{self.dataset_json['file_ending']}")
         write_subtype_tables(out, probabilities)
         self.set_deep_supervision_enabled(True)
