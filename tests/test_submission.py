@@ -73,7 +73,7 @@ def rewrite(zip_path: Path, out: Path, replace: dict[str, bytes | None]) -> Path
     ({"subtype_results.csv": b"Names,Subtype\nquiz_001.nii.gz,0\nquiz_001.nii.gz,1\nquiz_003.nii.gz,1\n"},
      "quiz_001.nii.gz listed 2 times"),
     ({"quiz_002.nii.gz": None}, "mask quiz_002.nii.gz is missing"),
-    ({"quiz_002.nii.gz": b"garbage"}, "mask quiz_002.nii.gz cannot be read"),
+    ({"quiz_002.nii.gz": b"garbage"}, "mask quiz_002.nii.gz: is not a NIfTI file"),
     ({"extra/quiz_009.nii.gz": b"x"}, "files must be at the zip root"),
 ])
 def test_broken_submissions_are_explained(prediction, tmp_path, change, expected):
@@ -93,3 +93,24 @@ def test_mask_geometry_must_match_the_image(prediction, tmp_path):
     problems = check_submission(zip_path, images)
     assert any("quiz_003.nii.gz: spacing" in p for p in problems)
     assert cli_main(["check-submission", str(zip_path), "--images", str(images)]) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_masks_must_be_uint8_label_maps(prediction, tmp_path, capsys, dtype):
+    """Integer labels stored as uint8, as nnU-Net writes them; a peer's validator rejects float masks."""
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(preds / "quiz_002.nii.gz"))).astype(dtype)
+    other = tmp_path / "other.nii.gz"
+    sitk.WriteImage(image(mask), str(other))
+    broken = rewrite(good, tmp_path / "broken.zip", {"quiz_002.nii.gz": other.read_bytes()})
+    assert cli_main(["check-submission", str(broken), "--images", str(images)]) == 2
+    out = capsys.readouterr().out
+    assert f"mask quiz_002.nii.gz: voxels are {np.dtype(dtype).name}; masks hold integer labels and must be stored " \
+           "as uint8" in out
+    # packing such a folder is refused too, with the file named, and no zip appears
+    sitk.WriteImage(image(mask), str(preds / "quiz_002.nii.gz"))
+    assert cli_main(["submission", str(preds), "--zip", str(tmp_path / "new" / "results.zip")]) == 2
+    assert f"{preds / 'quiz_002.nii.gz'}: voxels are {np.dtype(dtype).name}" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # no zip, no temporary, no empty folder
