@@ -35,6 +35,7 @@ import numpy as np
 
 from nnunet_mtl.evaluation.evaluate import METRICS_JSON, NIFTI, image_path
 from nnunet_mtl.evaluation.metrics import METRIC_LABELS, SEGMENTATION_METRICS
+from nnunet_mtl.paths import make_dirs
 
 CURVES_JSON = "training_curves.json"
 REPORT_HTML = "report.html"
@@ -476,9 +477,10 @@ def build_report(run_dir: str | Path, training_dir: str | Path | None = None,
 def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir: str | Path | None) -> Path:
     inputs = locate_inputs(run_dir, training_dir)
     out = Path(out_dir) if out_dir is not None else inputs.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     metrics = inputs.metrics
     targets = {t["metric"]: t["threshold"] for t in (metrics or {}).get("targets", [])}
+    # the overlays first: they read files, and one that cannot be read stops the report before any figure is drawn
+    overlays = _overlay_figures(metrics, inputs.notes) if metrics is not None else []
     pending: list[tuple[str, object, str]] = []
     if metrics is not None:
         cls = metrics.get("classification")
@@ -501,7 +503,8 @@ def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir:
         calibration = (metrics.get("classification") or {}).get("calibration")
         if calibration is not None:
             pending.append(("reliability_diagram", plot_reliability(calibration), CAPTIONS["reliability_diagram"]))
-        pending.extend(_overlay_figures(metrics, inputs.notes))
+    pending.extend(overlays)
+    make_dirs(out)  # only now: inputs that cannot be read leave no folder behind
     written = []
     for stem, figure, caption in pending:
         path = out / f"{stem}.png"
