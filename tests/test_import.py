@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -85,12 +87,14 @@ def run_import(capsys: pytest.CaptureFixture, work: Path, *argv: str) -> tuple[i
 
 
 def assert_rejected(capsys: pytest.CaptureFixture, work: Path, root: Path, *fragments: str) -> str:
-    """The import exits 2, names every fragment, and leaves nnUNet_raw empty (no dataset, no temp folder)."""
+    """The import exits 2, names every fragment, and leaves nothing: no dataset, no temporary folder, not even the
+    empty nnUNet_* folders of a work folder it created."""
     code, _, err = run_import(capsys, work, str(root))
     assert code == 2, err
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in:\n{err}"
-    assert list((work / "nnUNet_raw").iterdir()) == []
+    assert "Traceback" not in err
+    assert not work.exists()
     return err
 
 
@@ -305,7 +309,7 @@ def test_unreadable_file_and_all_problems_at_once(tmp_path: Path, import_work: P
     write_nifti(root / "validation/subtype0/quiz_0_007.nii.gz", make_mask().astype(np.float32) * 0.5)
     (root / "train/subtype2/quiz_2_006.nii.gz").unlink()
     err = assert_rejected(capsys, import_work, root, "3 problem(s)",
-                          "train/subtype0/quiz_0_002_0000.nii.gz: not a readable NIfTI file",
+                          "train/subtype0/quiz_0_002_0000.nii.gz: is not a NIfTI file",
                           "validation/subtype0/quiz_0_007.nii.gz: mask holds non-integer values (0.5)",
                           "train/subtype2/quiz_2_006_0000.nii.gz: image without mask")
     assert "Traceback" not in err
@@ -334,6 +338,71 @@ def test_same_id_other_name_is_refused(tmp_path: Path, import_work: Path, capsys
     (import_work / "nnUNet_raw/Dataset007_Other").mkdir(parents=True)
     code, _, err = run_import(capsys, import_work, str(root), "--force")
     assert code == 2 and "dataset id 7 is taken by another dataset" in err
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_an_import_removes_what_killed_imports_left(tmp_path: Path, import_work: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """kill -9 leaves a hidden .Dataset<NNN>_*.importing-<host>-<pid>-* folder; a later import removes those of
+    dead processes of this host and leaves a running import's folder alone."""
+    from nnunet_mtl.tempfiles import owner_tag
+
+    root = tmp_path / "src"
+    make_published(root)
+    raw = import_work / "nnUNet_raw"
+    dead = raw / f".{DATASET}.{owner_tag('importing').rsplit('-', 1)[0]}-{dead_pid()}-abc"
+    (dead / "imagesTr").mkdir(parents=True)
+    (dead / "imagesTr" / "quiz_0_001_0000.nii.gz").write_bytes(b"half")
+    running = raw / f".Dataset008_Other.{owner_tag('importing')}-xyz"
+    running.mkdir()
+    code, _, err = run_import(capsys, import_work, str(root))
+    assert code == 0, err
+    assert not dead.exists() and running.exists()
+    assert f"removed {dead.name}" in err
+    assert sorted(p.name for p in raw.iterdir()) == sorted([DATASET, running.name])
+
+
+def test_a_case_number_under_two_subtypes(tmp_path: Path, import_work: Path, capsys: pytest.CaptureFixture) -> None:
+    """The published data never repeats a number: a warning; the same image under both subtypes: an error."""
+    root = tmp_path / "src"
+    make_published(root)
+    add_case(root, "train", 1, 1)  # quiz_1_001 beside quiz_0_001 (same image: both are seeded by the number)
+    write_nifti(root / "train/subtype1/quiz_1_001_0000.nii.gz", make_image(1001))
+    code, _, err = run_import(capsys, import_work, str(root))
+    assert code == 0, err
+    assert ("warning: case number 001 appears under several subtypes: train/subtype0/quiz_0_001_0000.nii.gz and "
+            "train/subtype1/quiz_1_001_0000.nii.gz") in err
+    shutil.copyfile(root / "train/subtype0/quiz_0_001_0000.nii.gz", root / "train/subtype1/quiz_1_001_0000.nii.gz")
+    code, _, err = run_import(capsys, import_work, str(root), "--force")
+    assert code == 2 and "case number 001 appears under several subtypes with the same image" in err
+
+
+def test_ctrl_c_during_import_says_nothing_was_kept(tmp_path: Path, import_work: Path,
+                                                    capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "src"
+    make_published(root)
+    original = importer._Writer.case
+    calls = []
+
+    def interrupted(self, case):
+        calls.append(case.case_id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, case)
+
+    monkeypatch.setattr(importer._Writer, "case", interrupted)
+    code, _, err = run_import(capsys, import_work, str(root))
+    assert code == 130
+    assert "interrupted; nothing was written (import is all or nothing): run it again" in err
+    assert "finished work is kept" not in err
+    assert not import_work.exists()  # no temporary dataset folder, no empty nnUNet_* folders
 
 
 # --------------------------------------------------------------------------------------------- generic layout

@@ -247,7 +247,7 @@ def test_a_corrupt_case_is_reported_and_the_others_predicted(tiny_model, tiny_da
     assert len(rows) == 3 and not any("quiz_95" in r for r in rows)
     report = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
     assert set(report.failed) == {"quiz_950", "quiz_951"}
-    assert "quiz_950_0000.nii.gz" in report.failed["quiz_950"] and "not a readable" in report.failed["quiz_950"]
+    assert "quiz_950_0000.nii.gz" in report.failed["quiz_950"] and "is not a NIfTI file" in report.failed["quiz_950"]
     assert "NaN" in report.failed["quiz_951"]
 
 

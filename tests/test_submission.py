@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from volumes import write_volume
+from volumes import read_array, write_volume
 
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference.outputs import write_subtype_tables
@@ -99,7 +100,7 @@ BROKEN = {
                         [f"{TABLE} line 5: quiz_009.nii.gz is not a test case"]),
     "table missing": ({TABLE: None}, [f"{TABLE} is missing from the zip root"]),
     "mask missing": ({"quiz_002.nii.gz": None}, ["mask quiz_002.nii.gz is missing"]),
-    "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz cannot be read"]),
+    "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz: is not a NIfTI file (no NIfTI header; first bytes b'garbage')"]),
     "nested": ({"extra/quiz_009.nii.gz": b"x"},
                ["files must be at the zip root, found in folders: ['extra/quiz_009.nii.gz']"]),
     "many nested": ({f"extra/{i}.txt": b"x" for i in range(6)},  # the first five are named
@@ -179,7 +180,8 @@ def test_pack_writes_a_compressed_zip_through_a_hidden_temporary_file(prediction
     pack_submission(preds, zip_path)
     ((temporary, final),) = renamed
     assert final == zip_path and temporary.parent == zip_path.parent  # same folder: the rename is atomic
-    assert temporary.name.startswith(".results.zip") and temporary.name.endswith(".tmp")
+    assert temporary.name.startswith(".results.zip.tmp-")  # hidden, owned by this process (tempfiles.owner_tag)
+    assert temporary.name.endswith(f"-{os.getpid()}")
     with zipfile.ZipFile(zip_path) as zf:
         assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_DEFLATED}
 
@@ -226,3 +228,22 @@ def test_submission_command_zips_the_prediction_folder(prediction, tmp_path, cap
     assert cli_main(["submission", str(preds), "--zip", str(tmp_path / "again.zip")]) == 2
     assert "run `nnunet-mtl predict` first" in capsys.readouterr().err
     assert not (tmp_path / "again.zip").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_masks_must_be_uint8_label_maps(prediction, tmp_path, capsys, dtype):
+    """Integer labels stored as uint8, as nnU-Net writes them; a peer's validator rejects float masks."""
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    mask = read_array(preds / "quiz_002.nii.gz").astype(dtype)
+    broken = rewrite(good, tmp_path / "broken.zip", {"quiz_002.nii.gz": mask_bytes(tmp_path, mask)})
+    assert cli_main(["check-submission", str(broken), "--images", str(images)]) == 2
+    out = capsys.readouterr().out
+    assert f"mask quiz_002.nii.gz: voxels are {np.dtype(dtype).name}; masks hold integer labels and must be stored " \
+           "as uint8" in out
+    # packing such a folder is refused too, with the file named, and no zip appears
+    write_volume(preds / "quiz_002.nii.gz", mask, SPACING, ORIGIN)
+    assert cli_main(["submission", str(preds), "--zip", str(tmp_path / "new" / "results.zip")]) == 2
+    assert f"{preds / 'quiz_002.nii.gz'}: voxels are {np.dtype(dtype).name}" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # no zip, no temporary, no empty folder

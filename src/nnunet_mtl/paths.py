@@ -20,6 +20,10 @@ SMALL_MACHINE_DEFAULTS = {"nnUNet_def_n_proc": str(max(1, min(os.cpu_count() or 
                           "nnUNet_n_proc_DA": str(max(1, min(os.cpu_count() or 1, 4)))}
 
 
+# Folders this process created, so a failed command can remove those it left empty (see cli.main).
+_created: list[Path] = []
+
+
 @dataclass(frozen=True)
 class WorkPaths:
     raw: Path
@@ -38,7 +42,7 @@ def configure(workdir: str | os.PathLike | None = None) -> WorkPaths:
         if workdir is not None or not os.environ.get(var):
             # An explicit --workdir wins over inherited variables: the user asked for that folder.
             os.environ[var] = str(base / sub)
-        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(os.environ[var]))
     for var, value in SMALL_MACHINE_DEFAULTS.items():
         os.environ.setdefault(var, value)
     return current()
@@ -54,3 +58,30 @@ def current() -> WorkPaths:
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
+
+
+def make_dirs(folder: Path) -> Path:
+    """``mkdir -p`` that remembers which folders it created (:func:`remove_empty_created` undoes them)."""
+    folder = Path(folder).absolute()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    _created.extend(reversed(missing))
+    return folder
+
+
+def forget_created() -> None:
+    _created.clear()
+
+
+def remove_empty_created() -> list[Path]:
+    """Remove the folders :func:`make_dirs` created that are still empty, deepest first: a failed command leaves
+    no empty ``nnUNet_raw/``, ``nnUNet_results/`` or output folder behind."""
+    removed = []
+    for folder in sorted(set(_created), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only when empty
+            removed.append(folder)
+        except OSError:
+            pass
+    _created.clear()
+    return removed

@@ -42,22 +42,32 @@ def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
                              "and --workdir is not given)")
 
 
+# What an interrupted command (Ctrl-C) leaves; each command says what is true for it (set_defaults(interrupted=...)).
+DEFAULT_INTERRUPTED = "nothing half-written is left; run the same command again"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nnunet_mtl import paths
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    paths.forget_created()
+    code = 2
     try:
-        result = args.func(args)
+        code = int(args.func(args) or 0)
     except CliError as e:
         print(f"nnunet-mtl {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"nnunet-mtl {args.command}: interrupted; finished work is kept, run again to resume",
+        print(f"nnunet-mtl {args.command}: interrupted; {getattr(args, 'interrupted', DEFAULT_INTERRUPTED)}",
               file=sys.stderr)
-        return 130
-    return int(result or 0)
+        code = 130
+    finally:
+        if code != 0:
+            paths.remove_empty_created()
+    return code
 
 
 if __name__ == "__main__":

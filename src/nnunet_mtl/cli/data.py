@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing dataset of the same id and name")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_workdir_argument(parser)
-    parser.set_defaults(func=run_import)
+    parser.set_defaults(func=run_import, interrupted="nothing was written (import is all or nothing): run it again")
 
 
 def run_import(args: argparse.Namespace) -> int:

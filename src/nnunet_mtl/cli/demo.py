@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="phantom training cases per subtype (default: the small preset's 15,25,20)")
     parser.add_argument("--val-per-subtype", type=_counts, default=None, metavar="A,B,C")
     parser.add_argument("--test-cases", type=int, default=None)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="finished stages are kept (training keeps its last finished "
+                                                "epoch): run it again to go on")
 
 
 def run(args: argparse.Namespace) -> int:

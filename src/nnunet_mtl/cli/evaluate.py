@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--lesion-min-ml", type=float, default=0.1,
                           help="the headline lesion sensitivity and the FROC count true lesions of at least this "
                                "volume in ml (default 0.1)")
-    evaluate.set_defaults(func=run_evaluate)
+    evaluate.set_defaults(func=run_evaluate, interrupted="nothing was written: run it again")
 
     report = subparsers.add_parser(
         "report", help="figures and a self-contained report.html from evaluate's metrics or a training fold",
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--training-dir", default=None,
                         help="training fold folder with training_curves.json (default: found next to the run)")
     report.add_argument("--out", default=None, help="output folder (default: RUN_OR_OUTPUT_DIR/report)")
-    report.set_defaults(func=run_report)
+    report.set_defaults(func=run_report, interrupted="report.html was not written (figures may be): run it again")
 
 
 def _bin_edges(text: str) -> tuple[float, ...]:

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segmentation-classes", type=int, default=None,
                         help="output channels of the decoder (default: from the dataset.json beside the plans, "
                              "else 3)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="nothing was written")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preview", action="store_true",
                         help="also write PNGs of one case per subtype (axial and coronal, W400/L40)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier phantom dataset")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="nothing was written (the dataset is renamed into place when "
+                                                "complete): run it again")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
     parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
     add_workdir_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="planning and preprocessing start over when run again")
 
 
 def run(args: argparse.Namespace) -> int:

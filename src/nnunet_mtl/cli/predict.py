@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from nnunet_mtl.cli import CliError
@@ -28,8 +29,10 @@ speed and accuracy). In every mode the subtype comes from one more patch-sized p
 in the gland (--aggregation lesion_tile).
 Largest-component postprocessing and the false-lesion filters (minimum lesion volume, minimum lesion probability,
 lesions outside the gland) follow the model's postprocessing.json (chosen on its validation fold) unless overridden.
-A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
-and the exit status is 1 when any case failed.
+A run started again skips cases already finished (their masks are read again first; a damaged one is predicted
+again); a case that fails (an image cut short, damaged, not NIfTI, not 3D, with NaN) is reported by file, the others
+are still predicted, and the exit status is 1 when any case failed. A damaged checkpoint is named, with the other
+checkpoints of its folder (--checkpoint chooses one); exit status 2.
 
 examples:
   nnunet-mtl predict -i data/test -o preds \\
@@ -80,14 +83,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "OpenVINO's bf16 inference precision")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
-    parser.set_defaults(func=run_predict)
+    parser.set_defaults(func=run_predict, interrupted="finished cases are kept: run the same command again to "
+                                                     "predict the others")
 
     sub = subparsers.add_parser("submission", help="zip masks + subtype_results.csv (flat) for the task",
                                 epilog="example:\n  nnunet-mtl submission preds --zip results.zip",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("prediction_dir", type=Path)
     sub.add_argument("--zip", type=Path, required=True, dest="zip_path")
-    sub.set_defaults(func=run_submission)
+    sub.set_defaults(func=run_submission, interrupted="no zip was written: run it again")
 
     check = subparsers.add_parser("check-submission", help="validate a submission zip against the test images",
                                   epilog="example:\n  nnunet-mtl check-submission results.zip --images data/test",
@@ -95,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("zip_path", type=Path)
     check.add_argument("--images", type=Path, required=True, help="folder of test images <case>_0000.nii.gz")
     check.add_argument("--num-subtypes", type=int, default=3)
-    check.set_defaults(func=run_check)
+    check.set_defaults(func=run_check, interrupted="nothing was written")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -114,6 +118,8 @@ def run_predict(args: argparse.Namespace) -> int:
                                 resolve_device(args.device), mode, overwrite=args.overwrite)
     except (InputError, EngineUnavailable, FileNotFoundError, RuntimeError) as e:
         raise CliError(str(e)) from None
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     times = list(report.seconds_per_case.values())
     mean = f", {sum(times) / len(times):.2f} s per case" if times else ""
     print(f"predicted {len(report.predicted)}, kept {len(report.skipped)} from an earlier run, "
@@ -142,11 +148,11 @@ def _lesion_filters(args: argparse.Namespace):
 
 
 def run_submission(args: argparse.Namespace) -> int:
-    from nnunet_mtl.inference.submission import pack_submission
+    from nnunet_mtl.inference.submission import SubmissionError, pack_submission
 
     try:
         cases = pack_submission(args.prediction_dir, args.zip_path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, SubmissionError) as e:
         raise CliError(str(e)) from None
     print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv")
     return 0

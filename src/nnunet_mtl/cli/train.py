@@ -103,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="do not train: predict the validation fold with the final checkpoint and decide the "
                              "postprocessing again (largest component, false-lesion filters), as nnU-Net's --val")
     add_workdir_argument(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="the checkpoint of the last finished epoch is kept: add --resume "
+                                                "to continue from it")
     register_fit_classifier(subparsers)
     register_ext_trainer_path(subparsers)
 

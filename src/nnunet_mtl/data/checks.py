@@ -1,4 +1,4 @@
-"""Per-file checks for imported NIfTI images and masks.
+"""Checks of imported images and masks beyond what the reader (:mod:`nnunet_mtl.data.nifti`) proves.
 
 Every check returns a list of problems (plain sentences, without the file name; the caller prefixes it) instead of
 raising, so the importer can report every bad file of a dataset in one go.
@@ -7,11 +7,10 @@ raising, so the importer can report every bad file of a dataset in one go.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+
+from nnunet_mtl.data.nifti import Geometry
 
 # Real masks store 1 as 1.0000152587890625; anything further from an integer than this is a genuine error.
 INTEGER_TOLERANCE = 1e-3
@@ -21,26 +20,6 @@ DIRECTION_ATOL = 1e-4
 MAX_LISTED_VALUES = 5
 
 
-def read_nifti(path: Path) -> tuple[sitk.Image | None, list[str]]:
-    """Read a file with SimpleITK; an unreadable file becomes a problem, not an exception."""
-    try:
-        return sitk.ReadImage(str(path)), []
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        return None, [f"not a readable NIfTI file ({reason})"]
-
-
-def check_shape(image: sitk.Image, what: str) -> list[str]:
-    """Images and masks must be 3D with one channel (nnU-Net reads further channels from further files)."""
-    problems = []
-    if image.GetDimension() != 3:
-        problems.append(f"{what} is {image.GetDimension()}D (size {list(image.GetSize())}), expected 3D")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        problems.append(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel, expected a "
-                        "single channel")
-    return problems
-
-
 def _list_values(values: np.ndarray) -> str:
     shown = ", ".join(repr(float(v)) if np.issubdtype(values.dtype, np.floating) else str(int(v))
                       for v in values[:MAX_LISTED_VALUES])
@@ -48,38 +27,22 @@ def _list_values(values: np.ndarray) -> str:
     return shown + more
 
 
-def check_finite(image: sitk.Image, path: Path, what: str) -> list[str]:
-    """NaN and inf voxels of a float file.
-
-    ITK's NIfTI reader silently turns them into 0, so the stored values are read once more with nibabel.
-    """
-    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return []
-    data = np.asanyarray(nib.load(str(path)).dataobj)
-    bad = ~np.isfinite(data)
-    if not bad.any():
-        return []
-    kinds = sorted({"NaN" if np.isnan(v) else repr(float(v)) for v in np.unique(data[bad])})
-    return [f"{what} holds {int(bad.sum())} non-finite voxels ({', '.join(kinds)})"]
-
-
-def geometry_problems(image: sitk.Image, mask: sitk.Image) -> list[str]:
+def geometry_problems(image: Geometry, mask: Geometry) -> list[str]:
     """Image and mask must share the voxel grid; small float noise in the header is tolerated."""
     problems = []
-    if image.GetSize() != mask.GetSize():
-        problems.append(f"size {list(mask.GetSize())} differs from the image's {list(image.GetSize())}")
-    if not np.allclose(mask.GetSpacing(), image.GetSpacing(), rtol=SPACING_RTOL, atol=0):
-        problems.append(f"spacing {_fmt(mask.GetSpacing())} differs from the image's {_fmt(image.GetSpacing())}")
-    if not np.allclose(mask.GetOrigin(), image.GetOrigin(), rtol=0, atol=ORIGIN_ATOL_MM):
-        problems.append(f"origin {_fmt(mask.GetOrigin())} differs from the image's {_fmt(image.GetOrigin())}")
-    if not np.allclose(mask.GetDirection(), image.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
-        problems.append(f"direction {_fmt(mask.GetDirection())} differs from the image's "
-                        f"{_fmt(image.GetDirection())}")
+    if image.size != mask.size:
+        problems.append(f"size {list(mask.size)} differs from the image's {list(image.size)}")
+    if not np.allclose(mask.spacing, image.spacing, rtol=SPACING_RTOL, atol=0):
+        problems.append(f"spacing {_fmt(mask.spacing)} differs from the image's {_fmt(image.spacing)}")
+    if not np.allclose(mask.origin, image.origin, rtol=0, atol=ORIGIN_ATOL_MM):
+        problems.append(f"origin {_fmt(mask.origin)} differs from the image's {_fmt(image.origin)}")
+    if not np.allclose(mask.direction, image.direction, rtol=0, atol=DIRECTION_ATOL):
+        problems.append(f"direction {_fmt(mask.direction)} differs from the image's {_fmt(image.direction)}")
     return problems
 
 
 def _fmt(values: tuple[float, ...]) -> str:
-    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+    return "[" + ", ".join(f"{v + 0.0:.6g}" for v in values) + "]"  # + 0.0: -0 prints as 0
 
 
 @dataclass
@@ -92,17 +55,13 @@ class CleanMask:
     labels_present: set[int] = field(default_factory=set)
 
 
-def clean_mask(mask: sitk.Image, n_labels: int) -> CleanMask:
-    """Turn a mask into uint8 labels 0..n_labels-1.
+def clean_mask(array: np.ndarray, n_labels: int) -> CleanMask:
+    """Turn a mask's voxels (a verified volume's array: 3D, finite) into uint8 labels 0..n_labels-1.
 
     Float masks whose values lie within INTEGER_TOLERANCE of an integer are rounded (the real data's quirk);
-    any other value (fractional, negative, beyond the declared labels) is a problem naming the values. NaN never
-    reaches here (ITK reads it as 0): see :func:`check_finite`.
+    any other value (fractional, negative, beyond the declared labels) is a problem naming the values.
     """
-    problems = check_shape(mask, "mask")
-    if problems:
-        return CleanMask(None, problems)
-    array = sitk.GetArrayFromImage(mask)
+    problems: list[str] = []
     values = np.unique(array)
     rounded = False
     if np.issubdtype(array.dtype, np.floating):

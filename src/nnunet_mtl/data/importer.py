@@ -3,7 +3,8 @@
 Two layouts feed one writer. Scanning (:func:`scan_published`, :func:`scan_generic`) turns a layout into a
 :class:`Source`: the cases found plus every layout problem. :func:`import_dataset` then reads every file, collects
 all content problems too, and only when there are none moves a complete ``Dataset<NNN>_<name>`` folder into
-``nnUNet_raw`` (built in a hidden temporary folder beside it, so a failed import leaves nothing behind).
+``nnUNet_raw`` (built in a hidden temporary folder beside it, so a failed import leaves nothing behind; the folder
+is named after its process, and an import removes those of processes that were killed).
 
 Layout rules: hidden files (names starting with ".") are ignored everywhere; any other unexpected file or folder
 inside train/, validation/, test/ or a subtype folder is an error; other entries of the published root are ignored
@@ -13,6 +14,7 @@ with a warning.
 from __future__ import annotations
 
 import csv
+import filecmp
 import io
 import json
 import os
@@ -30,8 +32,10 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_mtl import __version__
-from nnunet_mtl.data.checks import check_finite, check_shape, clean_mask, geometry_problems, read_nifti
-from nnunet_mtl.paths import dataset_folder_name
+from nnunet_mtl.data.checks import clean_mask, geometry_problems
+from nnunet_mtl.data.nifti import NiftiError, Volume, read_volume
+from nnunet_mtl.paths import dataset_folder_name, make_dirs
+from nnunet_mtl.tempfiles import owner_tag, remove_stale
 
 PUBLISHED_CASE = re.compile(r"quiz_(?P<subtype>\d+)_(?P<number>\d+)(?P<channel>_0000)?\.nii\.gz")
 PUBLISHED_TEST = re.compile(r"quiz_(?P<number>\d+)_0000\.nii\.gz")
@@ -136,7 +140,31 @@ def scan_published(root: Path) -> Source:
     if subtypes and subtypes != set(range(max(subtypes) + 1)):
         source.problems.append(f"subtype folders must be numbered 0..K-1 without gaps, found {sorted(subtypes)}")
     source.class_names = [f"subtype{k}" for k in range(max(subtypes) + 1)] if subtypes else []
+    _check_repeated_numbers(source)
     return source
+
+
+def _check_repeated_numbers(source: Source) -> None:
+    """One case number under two subtypes (quiz_0_001 and quiz_1_001): the published data never repeats a number,
+    so it is worth a warning; the same image under both is an error (one scan, two contradicting subtypes)."""
+    by_number: dict[str, list[Case]] = {}
+    for case in source.cases.values():
+        match = PUBLISHED_CASE.fullmatch(case.image.name)
+        if match is not None and case.mask is not None:
+            by_number.setdefault(match["number"], []).append(case)
+    for number, cases in sorted(by_number.items()):
+        if len(cases) < 2:
+            continue
+        files = " and ".join(source.show(c.image) for c in cases)
+        first = cases[0].image
+        same = [c for c in cases[1:] if c.image.stat().st_size == first.stat().st_size
+                and filecmp.cmp(first, c.image, shallow=False)]
+        if same:
+            source.problems.append(f"case number {number} appears under several subtypes with the same image: "
+                                   f"{files} (one scan cannot have two subtypes)")
+        else:
+            source.warnings.append(f"case number {number} appears under several subtypes: {files} (the published "
+                                   "data never repeats a number; check these are different cases)")
 
 
 def _scan_published_split(source: Source, folder: Path) -> set[int]:
@@ -380,27 +408,21 @@ class _Writer:
 
     def case(self, case: Case) -> int | None:
         """Check and write one case; returns its subtype, or None for a test image."""
-        image, problems = read_nifti(case.image)
+        image = self._read(case.image, "image", keep_file_bytes=True)
         if image is not None:
-            problems += check_shape(image, "image") + check_finite(image, case.image, "image")
-            if image.GetDimension() == 3:
-                self.report.spacings.append(image.GetSpacing()[::-1])
-                self.report.sizes.append(image.GetSize()[::-1])
-        self._note(case.image, problems)
+            self.report.spacings.append(image.geometry.spacing[::-1])
+            self.report.sizes.append(image.geometry.size[::-1])
         if case.mask is None:
             if not self.problems:
                 self._copy_image(case, image, "imagesTs")
             return None
-        mask, mask_problems = read_nifti(case.mask)
-        cleaned = None
-        if mask is not None:
-            cleaned = clean_mask(mask, len(self.labels))
-            mask_problems += cleaned.problems + check_finite(mask, case.mask, "mask")
-            if image is not None and image.GetDimension() == mask.GetDimension() == 3:
-                mask_problems += geometry_problems(image, mask)
-        self._note(case.mask, mask_problems)
+        mask = self._read(case.mask, "mask")
         self.report.masks += 1
-        if cleaned is None or cleaned.array is None:
+        if mask is None:
+            return case.subtype
+        cleaned = clean_mask(mask.array, len(self.labels))
+        self._note(case.mask, cleaned.problems + (geometry_problems(image.geometry, mask.geometry) if image else []))
+        if cleaned.array is None:
             return case.subtype
         self.report.rounded += cleaned.rounded
         absent = [f"{v} ({self.labels[v]})" for v in range(1, len(self.labels)) if v not in cleaned.labels_present]
@@ -408,21 +430,29 @@ class _Writer:
             self.report.warnings.append(f"{self.source.show(case.mask)}: no voxel of label {', '.join(absent)}")
         if not self.problems:
             self._copy_image(case, image, "imagesTr")
-            labels = sitk.GetImageFromArray(cleaned.array)
-            labels.CopyInformation(image)  # the image's exact header, so nnU-Net's strict grid check passes
+            # the image's exact header, so nnU-Net's strict grid check passes
+            labels = image.geometry.apply_to(sitk.GetImageFromArray(cleaned.array))
             sitk.WriteImage(labels, str(self.folder / "labelsTr" / f"{case.case_id}{FILE_ENDING}"),
                             useCompression=True)
         return case.subtype
 
+    def _read(self, path: Path, what: str, keep_file_bytes: bool = False) -> Volume | None:
+        """The verified volume, or None with the problem noted (every file is read, so all problems are listed)."""
+        try:
+            return read_volume(path, what, keep_file_bytes)
+        except NiftiError as e:
+            self._note(path, [e.problem])
+            return None
+
     def _note(self, path: Path, problems: list[str]) -> None:
         self.problems += [f"{self.source.show(path)}: {p}" for p in problems]
 
-    def _copy_image(self, case: Case, image: sitk.Image, subfolder: str) -> None:
+    def _copy_image(self, case: Case, image: Volume, subfolder: str) -> None:
         target = self.folder / subfolder / f"{case.case_id}{CHANNEL_SUFFIX}{FILE_ENDING}"
-        if case.image.name.endswith(FILE_ENDING):
-            shutil.copyfile(case.image, target)  # byte for byte: fast, and nothing can change
-        else:
-            sitk.WriteImage(image, str(target), useCompression=True)
+        if image.compressed and image.file_bytes is not None:
+            target.write_bytes(image.file_bytes)  # byte for byte, from the bytes already verified (no second read)
+        else:  # uncompressed NIfTI (.nii, or under a .nii.gz name): nnU-Net's raw folder gets .nii.gz
+            sitk.WriteImage(image.image(), str(target), useCompression=True)
 
 
 def _target_folder(raw: Path, dataset_id: int, name: str, labels: Sequence[str], force: bool) -> Path:
@@ -460,8 +490,10 @@ def import_dataset(source: Source, raw: Path, dataset_id: int, name: str = DEFAU
     raw = Path(raw)
     target = _target_folder(raw, dataset_id, name, labels, force)
     report = ImportReport(target, source.class_names, split_given=source.split_given, warnings=list(source.warnings))
-    raw.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.importing-", dir=raw))
+    make_dirs(raw)
+    for stale in remove_stale(raw):  # what an import killed with kill -9 (or a power cut) left behind
+        report.warnings.append(f"removed {stale.name}, left in {raw} by an interrupted import")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner_tag('importing')}-", dir=raw))
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (tmp / sub).mkdir()
@@ -494,7 +526,7 @@ def import_dataset(source: Source, raw: Path, dataset_id: int, name: str = DEFAU
 
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Swap the finished folder in with renames, so readers never see a half-written dataset."""
-    old = target.with_name(f".{target.name}.replaced-{os.getpid()}") if target.exists() else None
+    old = target.with_name(f".{target.name}.{owner_tag('replaced')}") if target.exists() else None
     if old is not None:
         target.rename(old)
     tmp.rename(target)

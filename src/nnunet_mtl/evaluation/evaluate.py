@@ -26,12 +26,14 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_mtl.data.nifti import Geometry, NiftiError, Volume, read_geometry, read_volume
 from nnunet_mtl.evaluation import lesions as lesion_metrics
 from nnunet_mtl.evaluation.metrics import (
     DEFAULT_TOLERANCE_MM,
@@ -41,6 +43,9 @@ from nnunet_mtl.evaluation.metrics import (
     classification_metrics,
     segmentation_metrics,
 )
+from nnunet_mtl.inference.outputs import write_csv_atomic
+from nnunet_mtl.paths import make_dirs
+from nnunet_mtl.tempfiles import temp_path
 
 SUBTYPES_CSV = "subtype_results.csv"
 PROBABILITIES_CSV = "subtype_probabilities.csv"
@@ -88,8 +93,9 @@ def _names(items: Iterable[str], limit: int = 12) -> str:
 
 
 def list_masks(folder: Path) -> dict[str, Path]:
-    """Masks by case id; an image lying next to its mask (``X_0000.nii.gz`` beside ``X.nii.gz``) is skipped."""
-    files = {p.name[:-len(NIFTI)]: p for p in sorted(Path(folder).glob(f"*{NIFTI}"))}
+    """Masks by case id; an image lying next to its mask (``X_0000.nii.gz`` beside ``X.nii.gz``) is skipped, and
+    so are hidden files (a temporary ``.X.tmp...nii.gz`` a killed run left is not a case)."""
+    files = {p.name[:-len(NIFTI)]: p for p in sorted(Path(folder).glob(f"*{NIFTI}")) if not p.name.startswith(".")}
     return {c: p for c, p in files.items()
             if not (c.endswith(CHANNEL_SUFFIX) and c[:-len(CHANNEL_SUFFIX)] in files)}
 
@@ -102,8 +108,11 @@ def _csv_case(name: str, known: set[str]) -> str:
 
 
 def _read_rows(path: Path, expected_header: list[str] | None) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvaluationError(f"{path} cannot be read as CSV ({e})") from None
     if not rows:
         raise EvaluationError(f"{path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -216,21 +225,9 @@ def load_truth(truth: str | Path, subtypes_csv: str | Path | None = None, fold: 
     return Truth("mask_folder", cases, masks, subtypes, source, None, None, None)
 
 
-def _header(path: Path) -> tuple[tuple, tuple, tuple, tuple]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise EvaluationError(f"{path} is not a readable NIfTI file") from None
-    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-
-
-def _geometry_problems(reference: Path, other: Path, what: str) -> list[str]:
-    (size_a, spacing_a, origin_a, direction_a), (size_b, spacing_b, origin_b, direction_b) = (
-        _header(reference), _header(other))
+def _geometry_problems(reference: Geometry, other: Geometry, what: str) -> list[str]:
+    size_a, spacing_a, origin_a, direction_a = reference.size, reference.spacing, reference.origin, reference.direction
+    size_b, spacing_b, origin_b, direction_b = other.size, other.spacing, other.origin, other.direction
     problems = []
     if size_a != size_b:
         problems.append(f"{what} size {list(size_b)} vs truth {list(size_a)}")
@@ -249,18 +246,30 @@ def image_path(images_dir: Path, case: str) -> Path:
 
 def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """(uint8 label array in z, y, x order, spacing in z, y, x); values other than ~0/1/2 raise EvaluationError."""
-    import SimpleITK as sitk
+    volume = read_mask(path)
+    return label_array(volume), volume.spacing_zyx
 
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image)
+
+def read_mask(path: Path) -> Volume:
+    """A mask through the verified reader: a damaged file is an EvaluationError naming it."""
+    try:
+        return read_volume(path, "mask")
+    except NiftiError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def label_array(volume: Volume) -> np.ndarray:
+    """The mask's labels as uint8; values other than ~0/1/2 raise EvaluationError naming the file."""
+    array = volume.array
     rounded = np.rint(array) if np.issubdtype(array.dtype, np.floating) else array
     off = np.abs(array - rounded) > LABEL_TOLERANCE
     if off.any():
-        raise EvaluationError(f"{path}: non-integer labels, e.g. {float(array[off][0])}")
+        raise EvaluationError(f"{volume.path}: non-integer labels, e.g. {float(array[off][0])}")
     bad = np.setdiff1d(np.unique(rounded), [0, 1, 2])
     if bad.size:
-        raise EvaluationError(f"{path}: labels {bad.tolist()[:5]} outside 0 (background), 1 (pancreas), 2 (lesion)")
-    return rounded.astype(np.uint8), tuple(float(s) for s in reversed(image.GetSpacing()))
+        raise EvaluationError(f"{volume.path}: labels {bad.tolist()[:5]} outside 0 (background), 1 (pancreas), "
+                              "2 (lesion)")
+    return rounded.astype(np.uint8)
 
 
 def _summary_stats(values: list[float]) -> dict[str, float]:
@@ -282,13 +291,35 @@ def _write_per_case_csv(path: Path, rows: list[dict], n_probabilities: int) -> N
     columns = (["case", *SEGMENTATION_METRICS, *VOLUME_COLUMNS, *LESION_COUNT_COLUMNS, "subtype_true", "subtype_pred",
                 "correct"]
                + [f"prob_{k}" for k in range(n_probabilities)])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            probabilities = row.get("probabilities") or []
-            values = [row.get(c) for c in columns[:len(columns) - n_probabilities]] + probabilities
-            writer.writerow(["" if v is None else v for v in values])
+    table = [columns]
+    for row in rows:
+        probabilities = row.get("probabilities") or []
+        values = [row.get(c) for c in columns[:len(columns) - n_probabilities]] + probabilities
+        table.append(["" if v is None else v for v in values])
+    write_csv_atomic(path, table)
+
+
+def _image_geometry(path: Path) -> Geometry:
+    """An image only gives the reference grid here: its header is read (checked), its voxels are not."""
+    try:
+        return read_geometry(path, "image")
+    except NiftiError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def _check_subtype_range(truth: dict[str, int], truth_source: Path | None, predicted: dict[str, int],
+                         predicted_source: Path, n_classes: int | None) -> None:
+    """Subtypes outside 0..K-1 (K from the class names or the probability columns; negative ones always), named
+    with their case and file."""
+    bad = []
+    for values, source in ((truth, truth_source), (predicted, predicted_source)):
+        for case, value in sorted(values.items()):
+            if value < 0 or (n_classes is not None and value >= n_classes):
+                bad.append(f"{case} = {value} in {source}")
+    if bad:
+        expected = f"0..{n_classes - 1}" if n_classes is not None else "0 or more"
+        raise EvaluationError(f"subtypes outside {expected}: {'; '.join(bad[:12])}"
+                              + (f" and {len(bad) - 12} more" if len(bad) > 12 else ""))
 
 
 def _read_lesion_scores(pred_dir: Path, known: set[str]) -> dict[str, list] | None:
@@ -309,11 +340,9 @@ def _read_lesion_scores(pred_dir: Path, known: set[str]) -> dict[str, list] | No
 
 
 def _write_lesion_csv(path: Path, cases: list[lesion_metrics.CaseLesions]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(lesion_metrics.LESION_ROW_COLUMNS)
-        for row in lesion_metrics.lesion_rows(cases):
-            writer.writerow(["" if row[c] is None else row[c] for c in lesion_metrics.LESION_ROW_COLUMNS])
+    columns = lesion_metrics.LESION_ROW_COLUMNS
+    write_csv_atomic(path, [columns] + [["" if row[c] is None else row[c] for c in columns]
+                                        for row in lesion_metrics.lesion_rows(cases)])
 
 
 def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str | Path | None = None, fold: int = 0,
@@ -339,7 +368,7 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
     _check_same_cases("prediction masks", pred_masks, gt.cases, pred_dir)
 
     notes: list[str] = []
-    pred_subtypes = probabilities = None
+    pred_subtypes = probabilities = subtypes_path = None
     probabilities_path = pred_dir / PROBABILITIES_CSV
     if gt.subtypes is None:
         notes.append("the truth has no subtypes, so classification was not evaluated")
@@ -363,21 +392,38 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
         if absent:
             raise EvaluationError(f"{images} lacks the images <case>{CHANNEL_SUFFIX}{NIFTI} of: {_names(absent)}")
 
-    geometry = {}
+    n_classes = len(gt.class_names) if gt.class_names else (
+        len(next(iter(probabilities.values()))) if probabilities else None)
+    if pred_subtypes is not None:
+        _check_subtype_range(gt.subtypes, gt.subtypes_source, pred_subtypes, subtypes_path, n_classes)
+
+    # Every mask is read once (whole, through the verified reader); all unreadable files and geometry
+    # differences are collected and reported together, and no metric is computed once one is found.
+    unreadable, geometry, arrays = [], {}, {}
     for case in gt.cases:
-        problems = _geometry_problems(gt.masks[case], pred_masks[case], "prediction")
-        if images is not None:
-            problems += _geometry_problems(gt.masks[case], image_path(images, case), "image")
+        problems = []
+        try:
+            truth_volume = read_mask(gt.masks[case])
+            pred_volume = read_mask(pred_masks[case])
+            problems += _geometry_problems(truth_volume.geometry, pred_volume.geometry, "prediction")
+            if images is not None:
+                problems += _geometry_problems(truth_volume.geometry, _image_geometry(image_path(images, case)),
+                                               "image")
+            if not problems and not unreadable and not geometry:
+                arrays[case] = (label_array(truth_volume), label_array(pred_volume), truth_volume.spacing_zyx)
+        except EvaluationError as e:
+            unreadable.append(str(e))
         if problems:
             geometry[case] = "; ".join(problems)
+    if unreadable:
+        raise EvaluationError(f"{len(unreadable)} file(s) cannot be evaluated: " + " | ".join(unreadable))
     if geometry:
         raise EvaluationError(f"geometry differs for {len(geometry)} case(s): "
                               + " | ".join(f"{c}: {p}" for c, p in sorted(geometry.items())))
 
     rows, lesion_cases = [], []
     for case in gt.cases:
-        truth_arr, spacing = read_label_map(gt.masks[case])
-        pred_arr, _ = read_label_map(pred_masks[case])
+        truth_arr, pred_arr, spacing = arrays.pop(case)
         row: dict = {"case": case, **segmentation_metrics(pred_arr, truth_arr, spacing, tolerance_mm)}
         try:
             lesions = lesion_metrics.match_case(
@@ -433,11 +479,15 @@ def evaluate_folder(pred_dir: str | Path, truth: str | Path, subtypes_csv: str |
             "images": None if images is None else str(images.resolve()),
         },
     }
-    out = Path(out_dir) if out_dir is not None else pred_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_JSON).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_per_case_csv(out / PER_CASE_CSV, rows, len(probabilities[gt.cases[0]]) if probabilities else 0)
-    _write_lesion_csv(out / PER_LESION_CSV, lesion_cases)
+    out = make_dirs(Path(out_dir)) if out_dir is not None else pred_dir
+    tmp = temp_path(out / METRICS_JSON)
+    try:
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        _write_per_case_csv(out / PER_CASE_CSV, rows, len(probabilities[gt.cases[0]]) if probabilities else 0)
+        _write_lesion_csv(out / PER_LESION_CSV, lesion_cases)
+        os.replace(tmp, out / METRICS_JSON)
+    finally:
+        tmp.unlink(missing_ok=True)
     return summary
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from nnunet_mtl.evaluation.evaluate import METRICS_JSON, NIFTI, image_path
 from nnunet_mtl.evaluation.metrics import METRIC_LABELS, SEGMENTATION_METRICS
+from nnunet_mtl.paths import make_dirs
 
 CURVES_JSON = "training_curves.json"
 REPORT_HTML = "report.html"
@@ -398,9 +399,8 @@ def _class_name(names: list[str] | None, label: int) -> str:
 
 def _overlay_figures(metrics: dict, notes: list[str]) -> list[tuple[str, object, str]]:
     """(file stem, figure, caption) for the best, median and worst cases; notes say why overlays are missing."""
-    import SimpleITK as sitk
-
-    from nnunet_mtl.evaluation.evaluate import read_label_map
+    from nnunet_mtl.data.nifti import NiftiError, read_volume
+    from nnunet_mtl.evaluation.evaluate import EvaluationError, read_label_map
 
     sources = metrics.get("sources", {})
     if not metrics.get("per_case"):
@@ -417,9 +417,12 @@ def _overlay_figures(metrics: dict, notes: list[str]) -> list[tuple[str, object,
         if absent:
             notes.append(f"overlay of {case} skipped: {', '.join(absent)} not found")
             continue
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0])))
-        truth, spacing = read_label_map(files[1])
-        pred, _ = read_label_map(files[2])
+        try:  # every file through the verified reader: a damaged one stops the report, named
+            image = read_volume(files[0], "image").array
+            truth, spacing = read_label_map(files[1])
+            pred, _ = read_label_map(files[2])
+        except (NiftiError, EvaluationError) as e:
+            raise ReportError(f"overlay of {case}: {e}") from None
         row = next(r for r in metrics["per_case"] if r["case"] == case)
         title = (f"{' / '.join(roles).capitalize()} case {case}: whole-pancreas Dice {row['dice_pancreas']:.3f}, "
                  f"lesion Dice {row['dice_lesion']:.3f}")
@@ -575,9 +578,10 @@ def build_report(run_dir: str | Path, training_dir: str | Path | None = None,
 def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir: str | Path | None) -> Path:
     inputs = locate_inputs(run_dir, training_dir)
     out = Path(out_dir) if out_dir is not None else inputs.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     metrics = inputs.metrics
     targets = {t["metric"]: t["threshold"] for t in (metrics or {}).get("targets", [])}
+    # the overlays first: they read files, and one that cannot be read stops the report before any figure is drawn
+    overlays = _overlay_figures(metrics, inputs.notes) if metrics is not None else []
     pending: list[tuple[str, object, str]] = []
     if metrics is not None:
         cls = metrics.get("classification")
@@ -608,7 +612,8 @@ def _build_report(run_dir: str | Path, training_dir: str | Path | None, out_dir:
                 inputs.notes.append("no lesion scores (predict's lesion_candidates.csv): no FROC curve")
             else:
                 pending.append(("froc", figure, CAPTIONS["froc"]))
-        pending.extend(_overlay_figures(metrics, inputs.notes))
+    pending.extend(overlays)
+    make_dirs(out)  # only now: inputs that cannot be read leave no folder behind
     written = []
     for stem, figure, caption in pending:
         path = out / f"{stem}.png"

@@ -17,7 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
+from nnunet_mtl.data.nifti import read_volume
 from nnunet_mtl.evaluation.metrics import dice
+from nnunet_mtl.tempfiles import temp_path
 
 POSTPROCESSING_FILE = "postprocessing.json"
 LESION_LABEL = 2
@@ -39,8 +41,8 @@ def determine(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict:
     """Mean task score (mean of whole-pancreas and lesion Dice) per case with and without the largest component."""
     without, with_lcc = [], []
     for case in cases:
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_dir / f"{case}.nii.gz")))
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / f"{case}.nii.gz")))
+        prediction = read_volume(prediction_dir / f"{case}.nii.gz", "mask").array
+        truth = read_volume(truth_dir / f"{case}.nii.gz", "mask").array
         without.append(_task_score(prediction, truth))
         with_lcc.append(_task_score(keep_largest_component(prediction), truth))
     score_without, score_with = float(np.mean(without)), float(np.mean(with_lcc))
@@ -52,18 +54,23 @@ def determine(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict:
 def apply_to_folder(prediction_dir: Path, cases: list[str]) -> None:
     for case in cases:
         path = prediction_dir / f"{case}.nii.gz"
-        image = sitk.ReadImage(str(path))
-        kept = sitk.GetImageFromArray(keep_largest_component(sitk.GetArrayFromImage(image)).astype(np.uint8))
-        kept.CopyInformation(image)
-        tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-        sitk.WriteImage(kept, str(tmp), True)
-        tmp.replace(path)
+        mask = read_volume(path, "mask")
+        kept = mask.geometry.apply_to(sitk.GetImageFromArray(keep_largest_component(mask.array).astype(np.uint8)))
+        tmp = temp_path(path, ".nii.gz")
+        try:
+            sitk.WriteImage(kept, str(tmp), True)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_decision(model_dir: Path, decision: dict) -> None:
-    tmp = model_dir / f".{POSTPROCESSING_FILE}.tmp"
-    tmp.write_text(json.dumps(decision, indent=2))
-    tmp.replace(model_dir / POSTPROCESSING_FILE)
+    tmp = temp_path(model_dir / POSTPROCESSING_FILE)
+    try:
+        tmp.write_text(json.dumps(decision, indent=2))
+        tmp.replace(model_dir / POSTPROCESSING_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_decision(model_dir: Path) -> bool:

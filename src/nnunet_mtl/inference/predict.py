@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_mtl.data.nifti import NiftiError, Volume, read_geometry, read_volume
 from nnunet_mtl.inference import engines
 from nnunet_mtl.inference.lesion_candidates import (
     CANDIDATES_CSV,
@@ -37,6 +38,9 @@ from nnunet_mtl.inference.postprocessing import keep_largest_component, read_dec
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.inference.subtype import CaseSubtype, describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier
+from nnunet_mtl.paths import make_dirs
+from nnunet_mtl.tempfiles import remove_stale, temp_path
+from nnunet_mtl.training.checkpoints import CheckpointError, read_checkpoint
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -77,12 +81,14 @@ class PredictionReport:
     predicted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # damaged outputs of an earlier run, predicted again
     seconds_per_case: dict[str, float] = field(default_factory=dict)
 
 
 def list_cases(input_dir: Path) -> dict[str, Path]:
-    """Case id -> image file, for ``<case>_0000.nii.gz`` files (single-channel CT)."""
-    return {p.name[: -len(IMAGE_SUFFIX)]: p for p in sorted(input_dir.glob(f"*{IMAGE_SUFFIX}"))}
+    """Case id -> image file, for ``<case>_0000.nii.gz`` files (single-channel CT); hidden files are not cases."""
+    return {p.name[: -len(IMAGE_SUFFIX)]: p for p in sorted(input_dir.glob(f"*{IMAGE_SUFFIX}"))
+            if not p.name.startswith(".")}
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> dict[str, Path]:
@@ -97,21 +103,36 @@ def check_folders(input_dir: Path, output_dir: Path) -> dict[str, Path]:
     return cases
 
 
-def check_image(path: Path) -> None:
-    """The errors nnU-Net would report cryptically, or not at all (ITK reads NaN as 0), named with the file."""
-    from nnunet_mtl.data.checks import check_finite, check_shape, read_nifti
+def read_image(path: Path) -> Volume:
+    """The verified image (:mod:`nnunet_mtl.data.nifti`): what nnU-Net would report cryptically, or not at all (a
+    cut .nii.gz reads as zeros, NaN as 0), is an error named with the file."""
+    try:
+        return read_volume(path, "image")
+    except NiftiError as e:
+        raise InputError(f"{path.name}: {e.problem}") from None
 
-    image, problems = read_nifti(path)
-    if image is not None:
-        problems = check_shape(image, "image") or check_finite(image, path, "image")
-    if problems:
-        raise InputError(f"{path.name}: {'; '.join(problems)}")
+
+def finished_mask_problem(mask_file: Path, image_file: Path, n_labels: int) -> str | None:
+    """Why a mask of an earlier run cannot be kept (damaged since, or not on the image's grid); None when intact."""
+    try:
+        mask = read_volume(mask_file, "mask")
+        image = read_geometry(image_file, "image")
+    except NiftiError as e:
+        return f"{e.path.name}: {e.problem}"
+    if mask.array.dtype != np.uint8 or mask.geometry.size != image.size or not (
+            np.allclose(mask.geometry.spacing, image.spacing, rtol=1e-6) and
+            np.allclose(mask.geometry.origin, image.origin, atol=1e-4) and
+            np.allclose(mask.geometry.direction, image.direction, atol=1e-6)):
+        return f"{mask_file.name}: not a uint8 mask on the grid of {image_file.name}"
+    if int(mask.array.max(initial=0)) >= n_labels:
+        return f"{mask_file.name}: labels beyond 0..{n_labels - 1}"
+    return None
 
 
 def find_checkpoints(model_dir: Path, folds: list[str] | None, checkpoint: str | None) -> list[Path]:
     if not (model_dir / "plans.json").is_file() or not (model_dir / "dataset.json").is_file():
         raise InputError(f"{model_dir} is not a trained model folder (needs plans.json, dataset.json, fold_*/)")
-    fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_*"))
+    fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_[0-9]*"))
     found = []
     for fold_dir in fold_dirs:
         names = [checkpoint] if checkpoint else CHECKPOINTS
@@ -149,7 +170,10 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
     dataset_json = json.loads((model_dir / "dataset.json").read_text())
     parameters, mirror_axes, configuration = [], None, None
     for path in checkpoints:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = read_checkpoint(path, hint=": choose one with --checkpoint NAME")
+        except CheckpointError as e:
+            raise InputError(str(e)) from None
         parameters.append(state["network_weights"])
         mirror_axes = state.get("inference_allowed_mirroring_axes")
         configuration = state["init_args"]["configuration"]
@@ -160,6 +184,12 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, allow_init=False,
         deep_supervision=False)
+    for path, weights in zip(checkpoints, parameters):
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as e:
+            raise InputError(f"{path}: its weights do not fit the network of {model_dir / 'plans.json'} "
+                             f"({str(e).splitlines()[0]})") from None
     network.load_state_dict(parameters[0])
     network.return_classification = mode.classify
     if mode.channels_last:
@@ -189,11 +219,18 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
                  ) -> tuple[CaseSubtype | None, list[Candidate]]:
     """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype (None when the
     predictor runs segmentation only) and the scored lesion components of the written mask."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     preprocessor = cm.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
+    volume = read_image(image_file)
+    if pm.image_reader_writer_class is SimpleITKIO:  # the verified voxels, as nnU-Net's reader returns them
+        data, properties = volume.nnunet_input()
+        data, _, properties = preprocessor.run_case_npy(data, None, properties, pm, cm, predictor.dataset_json)
+    else:  # another reader in the plans: nnU-Net reads the (verified) file itself
+        del volume
+        data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
     subtype = None
     if predictor.last_fold_logits is not None:
@@ -205,9 +242,13 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
         segmentation = keep_largest_component(segmentation)
     # the lesion components of the final mask, scored (and filtered, as the model's validation chose)
     segmentation, candidates = postprocess_lesions(segmentation, class_probabilities, properties["spacing"], filters)
-    tmp = output_dir / f".{case}.tmp{MASK_ENDING}"
-    pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
-    os.replace(tmp, output_dir / f"{case}{MASK_ENDING}")
+    final = output_dir / f"{case}{MASK_ENDING}"
+    tmp = temp_path(final, MASK_ENDING)
+    try:
+        pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return subtype, candidates
 
 
@@ -217,44 +258,71 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
                    progress: bool = True) -> PredictionReport:
     """Predict every case; finished cases of an earlier run are kept unless ``overwrite``.
 
-    A case that fails is reported and the others are still predicted.
+    A case that fails is reported and the others are still predicted. A kept mask is read again first (whole, on
+    its image's grid); a damaged one is predicted again. Temporaries of a killed earlier run are removed; an output
+    folder created here and left empty (every case failed) is removed.
     """
     from tqdm import tqdm
 
     cases = check_folders(input_dir, output_dir)
     engines.check_engine(mode.engine, mode.precision, device)  # refused by name before anything is written
-    output_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
     filters = read_lesion_filters(model_dir) if mode.lesion_filters is None else mode.lesion_filters
-    probabilities = {} if overwrite else read_probability_table(output_dir)
-    details = {} if overwrite else {c: d for c, d in read_details(output_dir).items() if c in probabilities}
-    # a finished case has its lesion components recorded too (a folder of an older version: predicted again)
-    recorded = not overwrite and (output_dir / CANDIDATES_CSV).is_file()
-    candidates = read_candidates_table(output_dir / CANDIDATES_CSV) if recorded else {}
+    created = not output_dir.exists()
+    make_dirs(output_dir)
     report = PredictionReport()
-    bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
-    for case, image_file in bar:
-        bar.set_postfix_str(case)
-        if recorded and case in probabilities and (output_dir / f"{case}{MASK_ENDING}").is_file():
-            report.skipped.append(case)
-            continue
-        start = time.perf_counter()
-        try:
-            check_image(image_file)
-            subtype, candidates[case] = predict_case(predictor, image_file, output_dir, case, keep_largest, filters)
-        except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
-            report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
-            probabilities.pop(case, None)
-            details.pop(case, None)
-            candidates.pop(case, None)
-            continue
-        report.seconds_per_case[case] = time.perf_counter() - start
-        report.predicted.append(case)
-        write_candidates_table(output_dir, candidates)
-        if subtype is not None:
-            probabilities[case] = subtype.probabilities
-            details[case] = case_details(subtype)
-            write_subtype_tables(output_dir, probabilities,
-                                 {c: lesion_facts(candidates.get(c, [])) for c in probabilities}, details)
+    try:
+        remove_stale(output_dir)
+        probabilities = {} if overwrite else read_probability_table(output_dir, report.notes)
+        details = {} if overwrite else {c: d for c, d in read_details(output_dir, report.notes).items()
+                                        if c in probabilities}
+        # a finished case has its lesion components recorded too (a folder of an older version: predicted again)
+        candidates, recorded = {}, False
+        if not overwrite and (output_dir / CANDIDATES_CSV).is_file():
+            try:
+                candidates, recorded = read_candidates_table(output_dir / CANDIDATES_CSV), True
+            except ValueError as e:
+                report.notes.append(f"{e}; every case is predicted again")
+        n_labels = len(predictor.label_manager.all_labels)
+
+        def write_tables() -> None:
+            write_candidates_table(output_dir, candidates)
+            if probabilities or details:
+                write_subtype_tables(output_dir, probabilities,
+                                     {c: lesion_facts(candidates.get(c, [])) for c in probabilities}, details)
+
+        bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
+        for case, image_file in bar:
+            bar.set_postfix_str(case)
+            mask_file = output_dir / f"{case}{MASK_ENDING}"
+            if recorded and case in probabilities and case in details and mask_file.is_file():
+                problem = finished_mask_problem(mask_file, image_file, n_labels)
+                if problem is None:
+                    report.skipped.append(case)
+                    continue
+                report.notes.append(f"{problem}; predicting {case} again")
+                probabilities.pop(case)
+                details.pop(case, None)
+            start = time.perf_counter()
+            try:
+                subtype, candidates[case] = predict_case(predictor, image_file, output_dir, case, keep_largest,
+                                                         filters)
+            except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
+                report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
+                mask_file.unlink(missing_ok=True)  # the outputs list exactly the finished cases
+                probabilities.pop(case, None)
+                details.pop(case, None)
+                candidates.pop(case, None)
+                write_tables()
+                continue
+            report.seconds_per_case[case] = time.perf_counter() - start
+            report.predicted.append(case)
+            if subtype is not None:
+                probabilities[case] = subtype.probabilities
+                details[case] = case_details(subtype)
+            write_tables()
+    finally:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
     return report

@@ -7,15 +7,54 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   Python values (numpy scalars would need ``weights_only=False``), written to a temporary name and renamed, so an
   interrupted write never leaves a broken checkpoint.
 - ``load_checkpoint``: 2.8.1's cannot take a dict and expects nnU-Net's keys only; ours restores our keys too,
-  tolerates older checkpoints lacking a logger key, and refuses to resume with another optimizer.
+  tolerates older checkpoints lacking a logger key, refuses to resume with another optimizer, and reports a damaged
+  file by its path (:func:`read_checkpoint`; torch's own errors name no file).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from nnunet_mtl.tempfiles import temp_path
+
+CHECKPOINT_KEYS = ("network_weights", "init_args")
+RESUME_KEYS = ("network_weights", "optimizer_state", "logging", "current_epoch", "init_args")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names it and the other checkpoints of its folder."""
+
+
+def other_checkpoints(path: Path) -> list[str]:
+    return [p.name for p in sorted(Path(path).parent.glob("checkpoint_*.pth")) if p.name != Path(path).name]
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = CHECKPOINT_KEYS, hint: str = "") -> dict:
+    """``torch.load(path, weights_only=True)``; a damaged file (0 bytes, cut short, not a checkpoint) or one lacking
+    ``required`` keys is a :class:`CheckpointError` naming it, its size and the other checkpoints beside it
+    (``hint`` says what to do with them)."""
+    path = Path(path)
+    others = other_checkpoints(path)
+    beside = (f"; the folder also holds {', '.join(others)}{hint}" if others
+              else "; the folder holds no other checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint{beside}") from None
+    except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError... for the same user problem
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({path.stat().st_size} bytes; {reason})"
+                              f"{beside}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this kind (no {', '.join(missing)}){beside}")
+    return state
 
 
 def to_plain(value):
@@ -52,16 +91,20 @@ class CheckpointMixin:
             "inference_allowed_mirroring_axes": to_plain(self.inference_allowed_mirroring_axes),
             "optimizer_name": self.optimizer_name,
         }
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        tmp = temp_path(Path(filename))  # hidden, named after this process: a later run removes it if killed
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
         if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
+            checkpoint = read_checkpoint(filename_or_checkpoint, self.device, RESUME_KEYS,
+                                         hint=": move the damaged one away to resume from another")
         weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
         self.model.load_state_dict(weights)
         self.my_init_kwargs = checkpoint["init_args"]

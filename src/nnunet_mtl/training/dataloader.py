@@ -3,14 +3,24 @@
 Overrides of :class:`nnunetv2.training.dataloading.data_loader.nnUNetDataLoader`:
 
 - ``generate_train_batch``: adds ``batch['subtype']`` looked up by the batch's case keys (nnU-Net puts them in
-  ``batch['keys']``), so the subtype can never be paired with the wrong patch.
+  ``batch['keys']``), so the subtype can never be paired with the wrong patch; in a worker process, first makes
+  the worker die with the training process (below).
 - ``get_bbox``: when a sample is forced to contain foreground and ``lesion_centred`` is on, centre it on a lesion
   voxel rather than on any foreground class, so the classification target is in view; a random patch of a large
   crop may miss a small lesion and teach the head noise.
+
+Data-augmentation workers (batchgenerators processes that call ``generate_train_batch``) die with the training
+process: on its first batch a worker asks the kernel to kill it when its parent dies (``prctl(PR_SET_PDEATHSIG)``,
+Linux). Without it, ``kill -9`` of ``train`` left the workers running, blocked on a full queue, until ended by hand.
+Where prctl is missing, a worker still exits at its next batch once its parent has changed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,6 +36,18 @@ def class_balanced_probabilities(identifiers: list[str], case_subtypes: Mapping[
     return weights / weights.sum()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when the thread that created it ends; False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
 class MultiTaskDataLoader(nnUNetDataLoader):
     def __init__(self, *args, case_subtypes: Mapping[str, int], lesion_label: int | None = 2,
                  lesion_centred: bool = True, **kwargs):
@@ -36,6 +58,23 @@ class MultiTaskDataLoader(nnUNetDataLoader):
         self.case_subtypes = dict(case_subtypes)
         self.lesion_label = lesion_label
         self.lesion_centred = lesion_centred and lesion_label is not None
+        self._creator_pid = os.getpid()
+        self._guarded_pid: int | None = None  # the worker process that has asked to die with its parent
+        self._worker_parent: int | None = None
+
+    def _guard_worker(self) -> None:
+        """In a worker process: die with the parent (first batch), or exit once the parent is gone (fallback)."""
+        pid = os.getpid()
+        if pid == self._creator_pid:
+            return  # the training process itself (nnUNet_n_proc_DA=0): nothing to guard
+        if self._guarded_pid != pid:
+            self._guarded_pid, self._worker_parent = pid, os.getppid()
+            die_with_parent()
+            forked = multiprocessing.get_start_method() == "fork"  # batchgenerators uses the default context
+            if forked and self._worker_parent != self._creator_pid:  # the trainer died before prctl took effect
+                os._exit(0)
+        elif os.getppid() != self._worker_parent:
+            os._exit(0)
 
     def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
         if force_fg and self.lesion_centred and overwrite_class is None:
@@ -43,6 +82,7 @@ class MultiTaskDataLoader(nnUNetDataLoader):
         return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
 
     def generate_train_batch(self) -> dict:
+        self._guard_worker()
         batch = super().generate_train_batch()
         batch["subtype"] = torch.tensor([self.case_subtypes[k] for k in batch["keys"]], dtype=torch.long)
         return batch

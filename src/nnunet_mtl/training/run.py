@@ -11,6 +11,7 @@ import torch
 
 from nnunet_mtl import paths
 from nnunet_mtl.planning.plans import CONFIGURATION, dataset_name, resolve_plans_identifier
+from nnunet_mtl.tempfiles import remove_stale
 
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
@@ -112,6 +113,7 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
     apply_settings(trainer, settings or TrainSettings())
     trainer.subtype_fit = subtype_fit
     trainer.initialize()
+    remove_stale(Path(trainer.output_folder))  # a checkpoint being written when a run was killed
     if validation_only:
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
         if not final.is_file():

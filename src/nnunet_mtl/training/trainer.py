@@ -54,7 +54,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
-from nnunet_mtl.training.checkpoints import CheckpointMixin, to_plain
+from nnunet_mtl.training.checkpoints import CheckpointMixin, read_checkpoint, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
 from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR, OPTIMIZERS, build_optimizer
 from nnunet_mtl.training.validation import CaseValidationMixin, combined_score
@@ -205,7 +205,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
 
     def load_initial_weights(self, checkpoint_path: str | Path) -> list[str]:
         """Start from our checkpoint or a segmentation-only nnU-Net one; returns the head keys left fresh."""
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint_path, required=())
         fresh = load_segmentation_weights(self.model, checkpoint.get("network_weights", checkpoint))
         self.print_to_log_file(f"initial weights from {checkpoint_path}; left fresh: {fresh or 'nothing'}")
         return fresh

@@ -37,6 +37,7 @@ from nnunet_mtl.inference.predict import PredictionMode
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.inference.subtype import describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
+from nnunet_mtl.tempfiles import owner_tag, remove_stale
 from nnunet_mtl.training.subtype_fit import fit_from_model_folder, save_records
 
 LESION_LABEL = 2
@@ -139,7 +140,7 @@ class CaseValidationMixin:
             logits.float().cpu(), self.plans_manager, self.configuration_manager, self.label_manager, properties,
             return_probabilities=True)
         ending = self.dataset_json["file_ending"]
-        tmp = out / f".{key}.tmp{ending}"
+        tmp = out / f".{key}.{owner_tag()}{ending}"  # a killed run's leftover is removed by the next one
         self.plans_manager.image_reader_writer_class().write_seg(segmentation.astype(np.uint8), str(tmp), properties)
         os.replace(tmp, out / f"{key}{ending}")
         if save_probabilities:  # nnU-Net's files beside the mask, as its export writes them
@@ -172,6 +173,7 @@ class CaseValidationMixin:
         predictor = self._predictor(fast=self.final_validation_fast)
         out = Path(self.output_folder) / "validation"
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)  # temporaries of a killed earlier validation
         _, val_keys = self.do_split()
         dataset = self._validation_dataset(val_keys)
         records, evidence = [], {}
