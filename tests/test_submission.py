@@ -100,7 +100,8 @@ BROKEN = {
                         [f"{TABLE} line 5: quiz_009.nii.gz is not a test case"]),
     "table missing": ({TABLE: None}, [f"{TABLE} is missing from the zip root"]),
     "mask missing": ({"quiz_002.nii.gz": None}, ["mask quiz_002.nii.gz is missing"]),
-    "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz: is not a NIfTI file (no NIfTI header; first bytes b'garbage')"]),
+    "mask unreadable": ({"quiz_002.nii.gz": b"garbage"}, ["mask quiz_002.nii.gz: is not a NIfTI file "
+                                                       "(no NIfTI header; first bytes b'garbage')"]),
     "nested": ({"extra/quiz_009.nii.gz": b"x"},
                ["files must be at the zip root, found in folders: ['extra/quiz_009.nii.gz']"]),
     "many nested": ({f"extra/{i}.txt": b"x" for i in range(6)},  # the first five are named
