@@ -22,10 +22,16 @@ Largest-component postprocessing follows the model's postprocessing.json unless 
 A run started again skips cases already finished; a case that fails is reported, the others are still predicted,
 and the exit status is 1 when any case failed.
 
+split across machines (nnU-Net's -num_parts/-part_id): --num-parts N --part-id K predicts the sorted cases
+K, K+N, K+2N, ... of the folder; the N parts are disjoint and together complete. Every part writes its masks into
+OUT and its tables and a manifest into OUT/parts/part_K_of_N/ (each part resumes on its own); `submission`
+gathers the parts and refuses an incomplete set.
+
 examples:
   nnunet-mtl predict -i data/test -o preds \\
       -m work/nnUNet_results/Dataset501_Pancreas/nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres
   nnunet-mtl predict -i data/test -o preds -m MODEL --fast --device cuda
+  nnunet-mtl predict -i data/test -o preds -m MODEL --num-parts 4 --part-id $SLURM_ARRAY_TASK_ID
 """
 
 
@@ -51,13 +57,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "validation decided (postprocessing.json in the model folder)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
+    parser.add_argument("--num-parts", type=int, default=1, metavar="N",
+                        help="split the folder's sorted cases into N parts (one per machine; default 1)")
+    parser.add_argument("--part-id", type=int, default=0, metavar="K",
+                        help="which part this run predicts, 0..N-1: cases K, K+N, K+2N, ... (default 0)")
     parser.set_defaults(func=run_predict)
 
     sub = subparsers.add_parser("submission", help="zip masks + subtype_results.csv (flat) for the task",
-                                epilog="example:\n  nnunet-mtl submission preds --zip results.zip",
+                                epilog="A folder predicted in parts (--num-parts) is gathered first: every part "
+                                       "must be there and finished, else nothing is written and the missing parts "
+                                       "and cases are named.\n\nexample:\n  nnunet-mtl submission preds --zip "
+                                       "results.zip --images data/test",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("prediction_dir", type=Path)
     sub.add_argument("--zip", type=Path, required=True, dest="zip_path")
+    sub.add_argument("--images", type=Path, default=None,
+                     help="test images folder: the gathered parts must cover exactly its cases")
     sub.set_defaults(func=run_submission)
 
     check = subparsers.add_parser("check-submission", help="validate a submission zip against the test images",
@@ -70,20 +85,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.parts import Part
     from nnunet_mtl.inference.predict import InputError, PredictionMode, predict_folder
     from nnunet_mtl.training.run import resolve_device
 
+    try:
+        part = Part(args.num_parts, args.part_id) if args.num_parts > 1 or args.part_id else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
     largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
     mode = PredictionMode.fast(args.aggregation, largest_component=largest) if args.fast \
         else PredictionMode(aggregation=args.aggregation, largest_component=largest)
     try:
         report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
-                                resolve_device(args.device), mode, overwrite=args.overwrite)
+                                resolve_device(args.device), mode, overwrite=args.overwrite, part=part)
     except (InputError, FileNotFoundError, RuntimeError) as e:
         raise CliError(str(e)) from None
     times = list(report.seconds_per_case.values())
     mean = f", {sum(times) / len(times):.2f} s per case" if times else ""
-    print(f"predicted {len(report.predicted)}, kept {len(report.skipped)} from an earlier run, "
+    of_part = f" (part {part.part_id} of {part.num_parts})" if part else ""
+    print(f"predicted {len(report.predicted)}{of_part}, kept {len(report.skipped)} from an earlier run, "
           f"failed {len(report.failed)}{mean}; outputs in {args.output}")
     for message in report.failed.values():
         print(f"FAILED {message}")
@@ -91,13 +112,27 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_submission(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.outputs import MASK_ENDING
+    from nnunet_mtl.inference.parts import IncompleteParts, gather_parts
+    from nnunet_mtl.inference.predict import InputError, check_folders
     from nnunet_mtl.inference.submission import pack_submission
 
     try:
+        expected = sorted(check_folders(args.images, args.prediction_dir)) if args.images else None
+        gathered = gather_parts(args.prediction_dir, expected)
+        if expected is not None:
+            masks = {p.name[: -len(MASK_ENDING)] for p in args.prediction_dir.glob(f"*{MASK_ENDING}")
+                     if not p.name.startswith(".")}
+            missing = sorted(set(expected) - masks)
+            if missing:
+                raise CliError(f"{args.prediction_dir}: no mask for {len(missing)} of the {len(expected)} images in "
+                               f"{args.images} ({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}): "
+                               "predict them first")
         cases = pack_submission(args.prediction_dir, args.zip_path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, IncompleteParts, InputError) as e:
         raise CliError(str(e)) from None
-    print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv")
+    parts = f", gathered from {len(list((args.prediction_dir / 'parts').glob('part_*')))} parts" if gathered else ""
+    print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv{parts}")
     return 0
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nnunet_mtl.inference.outputs import MASK_ENDING, read_probability_table, write_subtype_tables
+from nnunet_mtl.inference.parts import Part, write_manifest
 from nnunet_mtl.inference.postprocessing import keep_largest_component, read_decision
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.inference.resampling import prediction_configuration
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -40,12 +42,13 @@ class PredictionMode:
     aggregation: str = "lesion_tile"
     classify: bool = True  # False: segmentation only (the head is not run; no subtype tables)
     largest_component: bool | None = None  # None: as the model's validation decided (postprocessing.json)
+    resampler: str = "plans"  # "torch": nnU-Net's torch resampler on the device (inference/resampling.py)
 
     @classmethod
     def fast(cls, aggregation: str = "lesion_tile", classify: bool = True,
-             largest_component: bool | None = None) -> PredictionMode:
+             largest_component: bool | None = None, resampler: str = "torch") -> PredictionMode:
         return cls(use_mirroring=False, tile_step_size=1.0, single_pass_max_patches=8.0, aggregation=aggregation,
-                   classify=classify, largest_component=largest_component)
+                   classify=classify, largest_component=largest_component, resampler=resampler)
 
 
 @dataclass
@@ -117,7 +120,8 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
         parameters.append(state["network_weights"])
         mirror_axes = state.get("inference_allowed_mirroring_axes")
         configuration = state["init_args"]["configuration"]
-    configuration_manager = plans_manager.get_configuration(configuration)
+    configuration_manager = prediction_configuration(plans_manager.get_configuration(configuration), mode.resampler,
+                                                     device)
     network = get_network_from_plans(
         configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
         configuration_manager.network_arch_init_kwargs_req_import,
@@ -161,19 +165,30 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
                    checkpoint: str | None = None, device: torch.device = CPU,
                    mode: PredictionMode = PredictionMode(), overwrite: bool = False,
-                   progress: bool = True) -> PredictionReport:
-    """Predict every case; finished cases of an earlier run are kept unless ``overwrite``.
+                   progress: bool = True, part: Part | None = None) -> PredictionReport:
+    """Predict every case (or one ``part`` of them); finished cases of an earlier run are kept unless ``overwrite``.
 
-    A case that fails is reported and the others are still predicted.
+    A case that fails is reported and the others are still predicted. A part keeps its subtype tables and manifest
+    in its own folder (:mod:`~nnunet_mtl.inference.parts`); ``submission`` gathers the parts.
     """
     from tqdm import tqdm
 
-    cases = check_folders(input_dir, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    all_cases = check_folders(input_dir, output_dir)
+    cases = part.select(all_cases) if part else all_cases
+    tables = part.folder(output_dir) if part else output_dir
+    tables.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
-    probabilities = {} if overwrite else read_probability_table(output_dir)
+    probabilities = {} if overwrite else read_probability_table(tables)
     report = PredictionReport()
+    settings = {"model": model_dir.resolve().name, "folds": folds, "checkpoint": checkpoint, **asdict(mode)}
+
+    def record_part() -> None:
+        if part:
+            write_manifest(output_dir, part, list(all_cases), report.skipped + report.predicted, report.failed,
+                           settings)
+
+    record_part()
     bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
     for case, image_file in bar:
         bar.set_postfix_str(case)
@@ -187,10 +202,12 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
         except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
             report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
             probabilities.pop(case, None)
+            record_part()
             continue
         report.seconds_per_case[case] = time.perf_counter() - start
         report.predicted.append(case)
         if case_probabilities is not None:
             probabilities[case] = case_probabilities
-            write_subtype_tables(output_dir, probabilities)
+            write_subtype_tables(tables, probabilities)
+        record_part()
     return report

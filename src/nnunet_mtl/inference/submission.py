@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_mtl.inference.outputs import MASK_ENDING, SUBTYPE_CSV
+from nnunet_mtl.inference.parts import gather_parts
 from nnunet_mtl.inference.predict import IMAGE_SUFFIX
 
 HEADER = ["Names", "Subtype"]
@@ -20,7 +21,11 @@ GEOMETRY_TOLERANCE = 1e-4
 
 
 def pack_submission(prediction_dir: Path, zip_path: Path) -> list[str]:
-    """Zip every mask and the subtype table, flat; returns the case ids packed."""
+    """Zip every mask and the subtype table, flat; returns the case ids packed.
+
+    A folder predicted in parts is gathered first (refused with :class:`~nnunet_mtl.inference.parts.IncompleteParts`
+    unless every part is there and finished)."""
+    gather_parts(prediction_dir)
     table = prediction_dir / SUBTYPE_CSV
     if not table.is_file():
         raise FileNotFoundError(f"{table} not found: run `nnunet-mtl predict` first")
