@@ -20,13 +20,14 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: venv demo test lint bench clean-demo help chromium mutation
+.PHONY: venv demo test lint bench real-scale gpu-check-dry-run clean-demo help chromium mutation
 
 help:
 	@echo "make demo   - install (if needed) and run the whole pipeline on embedded phantom data"
 	@echo "make test   - install (if needed) and run the test suite"
 	@echo "make lint   - ruff"
 	@echo "make mutation - mutation testing (mutmut) of the numeric and defensive modules; kill rate per module"
+	@echo "make real-scale - the full-size rehearsal (bench/real_scale.py; hours on 2 CPU cores, resumable)"
 	@echo "venv: $(VENV)"
 
 # The venv itself: torch pair first, then everything else with torch pinned by a constraints file.
@@ -90,6 +91,17 @@ demo: venv
 bench: venv
 	"$(BIN)/python" bench/train_step.py --workdir "$(WORKDIR)"
 	"$(BIN)/python" bench/predict_speed.py --workdir "$(WORKDIR)" --rounds 1
+
+# The full-size rehearsal (not part of `make test`): phantom at real size -> import -> plan -> train steps ->
+# case-level validation -> prediction modes. Resumable; REAL_SCALE_ARGS passes options (e.g. --stages predict).
+REAL_SCALE_WORKDIR ?= $(CURDIR)/work/real-scale
+real-scale: venv
+	"$(BIN)/python" bench/real_scale.py --workdir "$(REAL_SCALE_WORKDIR)" $(REAL_SCALE_ARGS)
+
+# The GPU check's steps on a tiny phantom on this CPU, to keep bench/gpu_check.py working between GPU loans.
+gpu-check-dry-run: venv
+	"$(BIN)/python" bench/gpu_check.py --device cpu --tiny --workdir "$(WORKDIR)/gpu-check-dry-run" \
+		--out "$(WORKDIR)/gpu-check-dry-run/out"
 
 clean-demo:
 	rm -rf "$(WORKDIR)"

@@ -1,116 +1,84 @@
-"""One prepared check of the CUDA path, for a lent GPU machine (see bench/gpu_check.sh).
+"""One prepared check of the CUDA path at the real crop size, for a lent GPU machine (see bench/gpu_check.sh).
 
-On phantom data at the real crop size (`full` preset): plan with nnU-Net's default planner, train the multi-task
-network for a few iterations with AMP (and torch.compile when it works), check channels-last, then time
-prediction: stock nnU-Net (step 0.5, mirroring) vs ours default vs ours fast, plus the train-step ratio against
-stock nnUNetTrainer. Weights come from a few iterations only: the Dice printed here says nothing about accuracy,
-the timings are what this is for.
+It runs `bench/real_scale.py` on a small `full`-preset phantom (3/3/3 training, 1/1/1 validation, 6 test cases at the
+real crop size and spacing), most important figures first, each step within what is left of the time budget:
+  1. phantom + import + plan (nnU-Net's default planner)
+  2. train step: our trainer vs stock nnUNetTrainer, AMP, same batches, alternated (the <= 1.05x bar)
+  3. prediction: stock (step 0.5, mirroring) vs ours default vs ours fast (nnU-Net's torch resampler on the GPU)
+     vs fast with the plans' CPU resampler vs the one-pass floor, each mode in its own process
+  4. one case-level validation of the validation cases (the cadence of item 4 wants its GPU seconds)
+  5. fast mode step by step (where a case's time goes on a GPU)
+The weights come from a few steps only: the timings are what this is for. Figures go to $OUT/gpu_check.json and
+$OUT/gpu_check.txt (the rehearsal's summary), also when the budget runs out part way.
+
+  python3 bench/gpu_check.py                         # on the GPU machine (bench/gpu_check.sh installs first)
+  python bench/gpu_check.py --device cpu --tiny      # dry run on a CPU: the same steps on a tiny phantom
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def step(title: str) -> float:
-    print(f"\n=== {title}", flush=True)
-    return time.perf_counter()
+REHEARSAL = REPO / "bench" / "real_scale.py"
 
 
 def main() -> None:
-    out = Path(os.environ.get("OUT", "/tmp/gpu_check"))
-    work = Path("/tmp/gpu_work")
-    os.environ.setdefault("nnUNet_def_n_proc", "8")
-    os.environ.setdefault("nnUNet_n_proc_DA", "8")
-    from nnunet_mtl import paths
-
-    paths.configure(work)
-    import torch
-
-    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}")
-    from nnunet_mtl.data.importer import import_dataset, scan_published
-    from nnunet_mtl.data.phantom import generate_phantom_dataset
-    from nnunet_mtl.planning.plans import plan_and_preprocess
-    from nnunet_mtl.training.run import TrainSettings, train
-
-    t = step("phantom (full preset: real crop size and spacing) + import + plan")
-    phantom = work / "phantom"
-    if not phantom.exists():
-        generate_phantom_dataset(phantom, "full", seed=1, train_per_subtype=(3, 3, 3), val_per_subtype=(1, 1, 1),
-                                 n_test=6, progress=False)
-        import_dataset(scan_published(phantom), paths.current().raw, 601, "PancreasFull", progress=False)
-        plan_and_preprocess(601, "default")
-    plans = json.loads((paths.current().preprocessed / "Dataset601_PancreasFull" / "nnUNetPlans_MTL.json")
-                       .read_text())
-    config = plans["configurations"]["3d_fullres"]
-    print(f"planned patch {config['patch_size']}, batch {config['batch_size']}, spacing {config['spacing']}, "
-          f"features {config['architecture']['arch_kwargs']['features_per_stage']} ({time.perf_counter() - t:.0f} s)")
-
-    results = {}
-    for compile_flag in ("false", "true"):
-        os.environ["nnUNet_compile"] = compile_flag
-        t = step(f"train 2 epochs x 10 iterations, AMP, torch.compile={compile_flag}")
-        try:
-            settings = TrainSettings(epochs=2, iterations=10, val_iterations=2, final_validation_fast=True)
-            result = train(601, "default", 0, "cuda", settings, validate=False)
-            seconds = time.perf_counter() - t
-            curves = json.loads((Path(result["output_folder"]) / "training_curves.json").read_text())
-            epoch_times = [e - s for s, e in zip(curves["epoch_start_timestamps"], curves["epoch_end_timestamps"])]
-            results[f"train_compile_{compile_flag}"] = {"seconds": seconds, "epoch_seconds": epoch_times}
-            print(f"ok: {seconds:.0f} s, epoch times {[round(e, 1) for e in epoch_times]}")
-        except Exception as e:  # report and go on: the other checks still tell something
-            results[f"train_compile_{compile_flag}"] = {"error": repr(e)[:500]}
-            print(f"FAILED: {e!r}")
-    os.environ["nnUNet_compile"] = "false"
-
-    t = step("channels-last forward check")
-    from nnunet_mtl.inference.predict import PredictionMode, load_predictor
-
-    model = paths.current().results / "Dataset601_PancreasFull" / "nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres"
-    predictor = load_predictor(model, device=torch.device("cuda"), mode=PredictionMode(channels_last=True))
-    x = torch.randn(1, 1, *config["patch_size"], device="cuda")
-    net = predictor.network.cuda().eval()
-    with torch.inference_mode(), torch.autocast("cuda"):
-        seg_cl, cls_cl = net(x.contiguous(memory_format=torch.channels_last_3d))
-        net_plain = load_predictor(model, device=torch.device("cuda")).network.cuda().eval()
-        seg, cls = net_plain(x)
-        for name, module in (("channels_last", net), ("contiguous", net_plain)):
-            inp = x.contiguous(memory_format=torch.channels_last_3d) if name == "channels_last" else x
-            for _ in range(3):
-                module(inp)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(10):
-                module(inp)
-            torch.cuda.synchronize()
-            results[f"forward_{name}_ms"] = (time.perf_counter() - start) / 10 * 1000
-    diff = (seg_cl.float() - seg.float()).abs().max().item()
-    results["channels_last_max_abs_diff"] = diff
-    print(f"max |seg(channels_last) - seg| = {diff:.4f}; forward ms: contiguous "
-          f"{results['forward_contiguous_ms']:.1f}, channels_last {results['forward_channels_last_ms']:.1f}")
-
-    t = step("prediction speed: stock vs ours default vs ours fast (bench/predict_speed.py)")
-    speed = subprocess.run([sys.executable, str(REPO / "bench/predict_speed.py"), "--model", str(model),
-                            "--images", str(phantom / "test"), "--truth", str(phantom / "test_groundtruth"),
-                            "--device", "cuda", "--rounds", "1"], capture_output=True, text=True)
-    print(speed.stdout[-4000:], speed.stderr[-2000:])
-    results["predict_speed"] = speed.stdout
-
-    t = step("train step: multi-task vs stock nnUNetTrainer (bench/train_step.py)")
-    ratio = subprocess.run([sys.executable, str(REPO / "bench/train_step.py"), "--workdir", str(work),
-                            "--dataset", "601", "--plans", "default", "--device", "cuda", "--steps", "10",
-                            "--rounds", "3"], capture_output=True, text=True)
-    print(ratio.stdout[-2000:], ratio.stderr[-1500:])
-    results["train_step"] = ratio.stdout
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small phantom and demo network (a CPU dry run)")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for all steps (default 420)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/gpu_work"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_check")))
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget
+    os.environ.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 8)))
+    os.environ.setdefault("nnUNet_n_proc_DA", str(min(os.cpu_count() or 1, 8)))
+    os.environ.setdefault("nnUNet_compile", "false")
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = ["--workdir", str(args.workdir), "--device", args.device, "--planners", "default"]
+    common += ["--tiny"] if args.tiny else ["--train-per-subtype", "3,3,3", "--val-per-subtype", "1,1,1",
+                                          "--test-cases", "6"]
+    steps = [  # (what, extra arguments, seconds it needs at least)
+        ("data + plans", ["--stages", "phantom", "import", "plan"], 60),
+        ("train step, AMP", ["--stages", "train", "--iterations", "10"], 45),
+        ("prediction", ["--stages", "predict", "--cases", "6", "--modes", "stock", "default", "fast",
+                        "fast_plansres", "floor"], 90),
+        ("case-level validation", ["--stages", "validate"], 30),
+        ("fast mode step by step", ["--stages", "profile", "--profile-cases", "3"], 40),
+    ]
+    done = {}
+    try:
+        for what, extra, needs in steps:
+            left = deadline - time.monotonic()
+            if left < needs:
+                print(f"=== {what}: skipped, {left:.0f} s left of the budget", flush=True)
+                done[what] = "skipped (budget)"
+                continue
+            print(f"=== {what} ({left:.0f} s left)", flush=True)
+            start = time.monotonic()
+            try:
+                result = subprocess.run([sys.executable, str(REHEARSAL), *common, *extra], timeout=left)
+                done[what] = f"exit {result.returncode} in {time.monotonic() - start:.0f} s"
+            except subprocess.TimeoutExpired:
+                done[what] = "stopped at the budget"
+            print(f"    {done[what]}", flush=True)
+    finally:
+        summary = subprocess.run([sys.executable, str(REHEARSAL), *common, "--summary"], capture_output=True,
+                                 text=True)
+        (args.out / "gpu_check.txt").write_text(summary.stdout + summary.stderr[-3000:])
+        print(summary.stdout, summary.stderr[-3000:])
+        state = args.workdir / "real_scale.json"
+        if state.is_file():
+            shutil.copy(state, args.out / "real_scale.json")
+        (args.out / "gpu_check.json").write_text(json.dumps({"steps": done, "device": args.device}, indent=1))
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ again); a case that fails (an image cut short, damaged, not NIfTI, not 3D, with 
 are still predicted, and the exit status is 1 when any case failed. A damaged checkpoint is named, with the other
 checkpoints of its folder (--checkpoint chooses one); exit status 2.
 
+split across machines (nnU-Net's -num_parts/-part_id): --num-parts N --part-id K predicts the sorted cases
+K, K+N, K+2N, ... of the folder; the N parts are disjoint and together complete. Every part writes its masks into
+OUT and its tables and a manifest into OUT/parts/part_K_of_N/ (each part resumes on its own); `submission`
+gathers the parts and refuses an incomplete set.
+
 examples:
   nnunet-mtl predict -i data/test -o preds \\
       -m work/nnUNet_results/Dataset501_Pancreas/nnUNetTrainerMTL__nnUNetPlans_MTL__3d_fullres
   nnunet-mtl predict -i data/test -o preds -m MODEL --fast --device cuda
+  nnunet-mtl predict -i data/test -o preds -m MODEL --num-parts 4 --part-id $SLURM_ARRAY_TASK_ID
 """
 
 
@@ -83,14 +89,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "OpenVINO's bf16 inference precision")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
+    parser.add_argument("--resampler", choices=["plans", "torch"], default="plans",
+                        help="plans (default): the plans' resampling (scikit-image, CPU); torch: nnU-Net's torch "
+                             "resampler on the prediction device (faster; masks agreed at Dice 0.98 pancreas / 0.95 "
+                             "lesion on the tiny model, not yet measured at full size)")
+    parser.add_argument("--num-parts", type=int, default=1, metavar="N",
+                        help="split the folder's sorted cases into N parts (one per machine; default 1)")
+    parser.add_argument("--part-id", type=int, default=0, metavar="K",
+                        help="which part this run predicts, 0..N-1: cases K, K+N, K+2N, ... (default 0)")
     parser.set_defaults(func=run_predict, interrupted="finished cases are kept: run the same command again to "
                                                      "predict the others")
 
     sub = subparsers.add_parser("submission", help="zip masks + subtype_results.csv (flat) for the task",
-                                epilog="example:\n  nnunet-mtl submission preds --zip results.zip",
+                                epilog="A folder predicted in parts (--num-parts) is gathered first: every part "
+                                       "must be there and finished, else nothing is written and the missing parts "
+                                       "and cases are named.\n\nexample:\n  nnunet-mtl submission preds --zip "
+                                       "results.zip --images data/test",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("prediction_dir", type=Path)
     sub.add_argument("--zip", type=Path, required=True, dest="zip_path")
+    sub.add_argument("--images", type=Path, default=None,
+                     help="test images folder: the gathered parts must cover exactly its cases")
     sub.set_defaults(func=run_submission, interrupted="no zip was written: run it again")
 
     check = subparsers.add_parser("check-submission", help="validate a submission zip against the test images",
@@ -104,25 +123,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from nnunet_mtl.inference.engines import EngineUnavailable
+    from nnunet_mtl.inference.parts import Part
     from nnunet_mtl.inference.predict import InputError, PredictionMode, predict_folder
     from nnunet_mtl.training.run import resolve_device
 
+    try:
+        part = Part(args.num_parts, args.part_id) if args.num_parts > 1 or args.part_id else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
     largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
     filters = _lesion_filters(args)
     options = {"largest_component": largest, "lesion_filters": filters, "classifier": args.classifier,
-               "engine": args.engine, "precision": args.precision}
+               "engine": args.engine, "precision": args.precision, "resampler": args.resampler}
     mode = PredictionMode.fast(args.aggregation, **options) if args.fast \
         else PredictionMode(aggregation=args.aggregation, **options)
     try:
         report = predict_folder(args.model, args.input, args.output, args.folds, args.checkpoint,
-                                resolve_device(args.device), mode, overwrite=args.overwrite)
+                                resolve_device(args.device), mode, overwrite=args.overwrite, part=part)
     except (InputError, EngineUnavailable, FileNotFoundError, RuntimeError) as e:
         raise CliError(str(e)) from None
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     times = list(report.seconds_per_case.values())
     mean = f", {sum(times) / len(times):.2f} s per case" if times else ""
-    print(f"predicted {len(report.predicted)}, kept {len(report.skipped)} from an earlier run, "
+    of_part = f" (part {part.part_id} of {part.num_parts})" if part else ""
+    print(f"predicted {len(report.predicted)}{of_part}, kept {len(report.skipped)} from an earlier run, "
           f"failed {len(report.failed)}{mean}; outputs in {args.output}")
     for message in report.failed.values():
         print(f"FAILED {message}")
@@ -148,13 +173,27 @@ def _lesion_filters(args: argparse.Namespace):
 
 
 def run_submission(args: argparse.Namespace) -> int:
+    from nnunet_mtl.inference.outputs import MASK_ENDING
+    from nnunet_mtl.inference.parts import IncompleteParts, gather_parts
+    from nnunet_mtl.inference.predict import InputError, check_folders
     from nnunet_mtl.inference.submission import SubmissionError, pack_submission
 
     try:
+        expected = sorted(check_folders(args.images, args.prediction_dir)) if args.images else None
+        gathered = gather_parts(args.prediction_dir, expected)
+        if expected is not None:
+            masks = {p.name[: -len(MASK_ENDING)] for p in args.prediction_dir.glob(f"*{MASK_ENDING}")
+                     if not p.name.startswith(".")}
+            missing = sorted(set(expected) - masks)
+            if missing:
+                raise CliError(f"{args.prediction_dir}: no mask for {len(missing)} of the {len(expected)} images in "
+                               f"{args.images} ({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}): "
+                               "predict them first")
         cases = pack_submission(args.prediction_dir, args.zip_path)
-    except (FileNotFoundError, SubmissionError) as e:
+    except (FileNotFoundError, SubmissionError, IncompleteParts, InputError) as e:
         raise CliError(str(e)) from None
-    print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv")
+    parts = f", gathered from {len(list((args.prediction_dir / 'parts').glob('part_*')))} parts" if gathered else ""
+    print(f"{args.zip_path}: {len(cases)} masks + subtype_results.csv{parts}")
     return 0
 
 

@@ -216,8 +216,8 @@ def plot_training_curves(curves: dict, macro_f1_target: float | None = None):
         ax = fig.add_subplot(nrows, ncols, index)
         for key, label in series:
             y = _curve(curves[key])
-            ax.plot(np.arange(len(y)), y, label=label, linewidth=1.2,
-                    marker="o" if len(y) < 30 else None, markersize=3)
+            x = np.flatnonzero(~np.isnan(y))  # case-level numbers exist only in the epochs that measured them
+            ax.plot(x, y[x], label=label, linewidth=1.2, marker="o" if len(x) < 30 else None, markersize=3)
         if any(key == "lrs" for key, _ in series):
             ax.set_yscale("log")
         if title.startswith("Classification (") and macro_f1_target is not None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_mtl.evaluation.lesions import TOUCHING, label_components
+from nnunet_mtl.inference.outputs import write_text_atomic
 
 CANDIDATES_CSV = "lesion_candidates.csv"
 COLUMNS = ("Names", "component", "voxels", "volume_ml", "peak_z", "peak_y", "peak_x", "max_probability",
@@ -97,12 +97,6 @@ def lesion_facts(candidates: Sequence[Candidate]) -> dict[str, object]:
             "lesion_probability": round(max((c.max_probability for c in candidates), default=0.0), 6)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_candidates_table(out_dir: Path, candidates: Mapping[str, Sequence[Candidate]]) -> None:
     """Rewrite the whole table (temporary name, then rename), cases sorted, so it always lists finished cases."""
     buffer = io.StringIO()
@@ -112,7 +106,7 @@ def write_candidates_table(out_dir: Path, candidates: Mapping[str, Sequence[Cand
         for c in candidates[case]:
             writer.writerow([f"{case}{MASK_ENDING}", c.component, c.voxels, f"{c.volume_ml:.6g}", *c.peak,
                              f"{c.max_probability:.6f}", f"{c.mean_probability:.6f}", int(c.in_gland)])
-    _atomic_write(Path(out_dir) / CANDIDATES_CSV, buffer.getvalue())
+    write_text_atomic(Path(out_dir) / CANDIDATES_CSV, buffer.getvalue())
 
 
 def read_candidates_table(path: Path) -> dict[str, list[Candidate]]:

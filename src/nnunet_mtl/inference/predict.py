@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,10 @@ from nnunet_mtl.inference.outputs import (
     read_probability_table,
     write_subtype_tables,
 )
+from nnunet_mtl.inference.parts import Part, write_manifest
 from nnunet_mtl.inference.postprocessing import keep_largest_component, read_decision
 from nnunet_mtl.inference.predictor import MultiTaskPredictor
+from nnunet_mtl.inference.resampling import prediction_configuration
 from nnunet_mtl.inference.subtype import CaseSubtype, describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier
 from nnunet_mtl.paths import make_dirs
@@ -67,6 +69,7 @@ class PredictionMode:
     engine: str = "torch"  # what runs the network: torch, openvino, onnxruntime or auto (inference/engines.py)
     precision: str = "fp32"  # fp32 or bf16 (CPUs with native bfloat16 only)
     lesion_tile_attention: str = "crop"  # the subtype patch attends to the crop's lesion ("tile": its own pass)
+    resampler: str = "plans"  # "torch": nnU-Net's torch resampler on the device (inference/resampling.py)
 
     @classmethod
     def fast(cls, aggregation: str = "lesion_tile", classify: bool = True,
@@ -177,7 +180,8 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
         parameters.append(state["network_weights"])
         mirror_axes = state.get("inference_allowed_mirroring_axes")
         configuration = state["init_args"]["configuration"]
-    configuration_manager = plans_manager.get_configuration(configuration)
+    configuration_manager = prediction_configuration(plans_manager.get_configuration(configuration), mode.resampler,
+                                                     device)
     network = get_network_from_plans(
         configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
         configuration_manager.network_arch_init_kwargs_req_import,
@@ -255,42 +259,51 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
                    checkpoint: str | None = None, device: torch.device = CPU,
                    mode: PredictionMode = PredictionMode(), overwrite: bool = False,
-                   progress: bool = True) -> PredictionReport:
-    """Predict every case; finished cases of an earlier run are kept unless ``overwrite``.
+                   progress: bool = True, part: Part | None = None) -> PredictionReport:
+    """Predict every case (or one ``part`` of them); finished cases of an earlier run are kept unless ``overwrite``.
 
     A case that fails is reported and the others are still predicted. A kept mask is read again first (whole, on
     its image's grid); a damaged one is predicted again. Temporaries of a killed earlier run are removed; an output
-    folder created here and left empty (every case failed) is removed.
+    folder created here and left empty (every case failed) is removed. A part keeps its tables and manifest in its
+    own folder (:mod:`~nnunet_mtl.inference.parts`); ``submission`` gathers the parts.
     """
     from tqdm import tqdm
 
-    cases = check_folders(input_dir, output_dir)
+    all_cases = check_folders(input_dir, output_dir)
+    cases = part.select(all_cases) if part else all_cases
     engines.check_engine(mode.engine, mode.precision, device)  # refused by name before anything is written
     predictor = load_predictor(model_dir, folds, checkpoint, device, mode)
     keep_largest = read_decision(model_dir) if mode.largest_component is None else mode.largest_component
     filters = read_lesion_filters(model_dir) if mode.lesion_filters is None else mode.lesion_filters
     created = not output_dir.exists()
     make_dirs(output_dir)
+    tables = part.folder(output_dir) if part else output_dir
     report = PredictionReport()
+    settings = {"model": model_dir.resolve().name, "folds": folds, "checkpoint": checkpoint, **asdict(mode)}
     try:
+        make_dirs(tables)
         remove_stale(output_dir)
-        probabilities = {} if overwrite else read_probability_table(output_dir, report.notes)
-        details = {} if overwrite else {c: d for c, d in read_details(output_dir, report.notes).items()
+        remove_stale(tables)
+        probabilities = {} if overwrite else read_probability_table(tables, report.notes)
+        details = {} if overwrite else {c: d for c, d in read_details(tables, report.notes).items()
                                         if c in probabilities}
         # a finished case has its lesion components recorded too (a folder of an older version: predicted again)
         candidates, recorded = {}, False
-        if not overwrite and (output_dir / CANDIDATES_CSV).is_file():
+        if not overwrite and (tables / CANDIDATES_CSV).is_file():
             try:
-                candidates, recorded = read_candidates_table(output_dir / CANDIDATES_CSV), True
+                candidates, recorded = read_candidates_table(tables / CANDIDATES_CSV), True
             except ValueError as e:
                 report.notes.append(f"{e}; every case is predicted again")
         n_labels = len(predictor.label_manager.all_labels)
 
         def write_tables() -> None:
-            write_candidates_table(output_dir, candidates)
+            write_candidates_table(tables, candidates)
             if probabilities or details:
-                write_subtype_tables(output_dir, probabilities,
+                write_subtype_tables(tables, probabilities,
                                      {c: lesion_facts(candidates.get(c, [])) for c in probabilities}, details)
+            if part:
+                write_manifest(output_dir, part, list(all_cases), report.skipped + report.predicted, report.failed,
+                               settings)
 
         bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
         for case, image_file in bar:
@@ -322,6 +335,8 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
                 probabilities[case] = subtype.probabilities
                 details[case] = case_details(subtype)
             write_tables()
+        if part:
+            write_tables()  # the manifest, also of a part whose cases were all finished earlier
     finally:
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()

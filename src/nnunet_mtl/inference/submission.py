@@ -19,6 +19,7 @@ import numpy as np
 
 from nnunet_mtl.data.nifti import NiftiError, read_geometry, read_volume
 from nnunet_mtl.inference.outputs import MASK_ENDING, SUBTYPE_CSV
+from nnunet_mtl.inference.parts import gather_parts
 from nnunet_mtl.inference.predict import IMAGE_SUFFIX
 from nnunet_mtl.paths import make_dirs
 from nnunet_mtl.tempfiles import remove_stale, temp_path
@@ -33,7 +34,11 @@ class SubmissionError(ValueError):
 
 def pack_submission(prediction_dir: Path, zip_path: Path, num_subtypes: int = 3) -> list[str]:
     """Zip every mask and the subtype table, flat, after checking them (each mask whole, a uint8 label map; the
-    table listing exactly these masks); returns the case ids packed."""
+    table listing exactly these masks); returns the case ids packed.
+
+    A folder predicted in parts is gathered first (refused with :class:`~nnunet_mtl.inference.parts.IncompleteParts`
+    unless every part is there and finished)."""
+    gather_parts(prediction_dir)
     table = prediction_dir / SUBTYPE_CSV
     if not table.is_file():
         raise FileNotFoundError(f"{table} not found: run `nnunet-mtl predict` first")

@@ -1,7 +1,12 @@
-"""Training curves beside nnU-Net's progress.png: the loss parts and the case-level numbers per epoch."""
+"""Training curves beside nnU-Net's progress.png: the loss parts and the case-level numbers per epoch.
+
+Case-level numbers are measured every few epochs only; the epochs between hold NaN ("not measured"), written as
+null in ``training_curves.json`` and left out of the plots, which join the measured epochs.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,6 +14,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def not_measured_as_null(curves: dict[str, list]) -> dict[str, list]:
+    """NaN (an epoch that did not measure the value) as None, so the JSON is standard (null, not NaN)."""
+    return {k: [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+            if isinstance(values, list) else values for k, values in curves.items()}
+
+
+def measured(values: list, n: int) -> tuple[list[int], list[float]]:
+    """Epochs and values of the first ``n`` epochs that hold a measurement (not None, not NaN)."""
+    points = [(i, float(v)) for i, v in enumerate(values[:n]) if v is not None and not math.isnan(float(v))]
+    return [i for i, _ in points], [v for _, v in points]
 
 
 def plot_classification_progress(curves: dict[str, list], path: Path) -> None:
@@ -39,11 +56,12 @@ def _plot(curves: dict[str, list], n: int, path: Path) -> None:
                               ("val_cls_macro_f1", "subtype macro-F1 (cases)", "m-"),
                               ("ema_combined_score", "combined score, EMA (selects best)", "k-")]:
         if len(curves.get(key, [])) >= n:
-            ax_metrics.plot(epochs, curves[key][:n], style, label=label)
+            x, y = measured(curves[key], n)
+            ax_metrics.plot(x, y, style, label=label, marker="o" if len(x) < 60 else None, markersize=3)
     ax_metrics.set_ylim(0, 1.02)
     ax_metrics.set_xlabel("epoch")
     ax_metrics.set_ylabel("score")
-    ax_metrics.set_title("Case-level validation")
+    ax_metrics.set_title("Case-level validation (measured epochs)")
     ax_metrics.legend(loc="lower right")
     ax_metrics.grid(alpha=0.3)
     fig.tight_layout()

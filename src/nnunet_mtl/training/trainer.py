@@ -24,7 +24,9 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   lesion while training. Opt-in (``cpu_bf16``): bfloat16 autocast on CPU, where nnU-Net uses none; 1.6x faster per
   step here, but it gave non-finite convolution weight gradients on small networks, so such steps are skipped
   (as nnU-Net's GradScaler skips fp16 overflow steps on CUDA) and it stays off by default.
-- ``on_train_epoch_end`` / ``on_validation_epoch_end``: log the loss parts and case-level validation numbers.
+- ``on_train_epoch_end`` / ``on_validation_epoch_end``: log the loss parts and case-level validation numbers;
+  nnU-Net's logger wants a value per epoch and key, so epochs without case-level validation log NaN (null in
+  ``training_curves.json``) instead of repeating the last measurement.
 - ``run_training``: the same loop with a progress bar.
 - ``on_epoch_end``: best checkpoint by a combined score instead of segmentation pseudo-Dice alone; a checkpoint
   every epoch (atomic) so an interrupted run loses nothing; curves as JSON and PNG.
@@ -65,7 +67,9 @@ EXTRA_LOG_KEYS = ("train_seg_losses", "train_cls_losses", "val_seg_losses", "val
 FREEZABLE_PARTS = ("encoder", "decoder", "head")
 LESION_LABEL = 2
 __all__ = ["ADAMW_DEFAULT_LR", "OPTIMIZERS", "nnUNetTrainerMTL", "cpu_has_fast_bf16"]
-COMBINED_EMA = 0.8  # weight of the previous value; short runs need a faster average than nnU-Net's 0.9
+COMBINED_EMA = 0.8  # weight of the previous measurement; short runs need a faster average than nnU-Net's 0.9
+CASE_LEVEL_KEYS = ("val_case_pancreas_dice", "val_case_lesion_dice", "val_cls_accuracy", "val_cls_macro_f1")
+NOT_MEASURED = float("nan")
 
 
 class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
@@ -344,21 +348,22 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         outputs = collate_outputs(val_outputs)
         self.logger.log("val_seg_losses", self._mean_over_workers(outputs["seg_loss"]), self.current_epoch)
         self.logger.log("val_cls_losses", self._mean_over_workers(outputs["cls_loss"]), self.current_epoch)
-        due = self.current_epoch % self.case_validation_every == 0 or self.current_epoch == self.num_epochs - 1
-        previous = {k: self.logger.get_value(k, step=None) for k in
-                    ("val_cls_accuracy", "val_cls_macro_f1", "val_case_pancreas_dice", "val_case_lesion_dice")}
-        if due or not previous["val_cls_accuracy"]:
+        if self.case_validation_due():
             case_metrics = self.case_level_validation()
-        else:  # nnU-Net's logger wants one value per epoch: carry the last measurement forward
-            case_metrics = {k: v[-1] for k, v in previous.items()}
+            score = combined_score(case_metrics["val_case_pancreas_dice"], case_metrics["val_case_lesion_dice"],
+                                   case_metrics["val_cls_macro_f1"])
+            measured = [v for v in self.logger.get_value("ema_combined_score", step=None) if not np.isnan(v)]
+            ema = score if not measured else COMBINED_EMA * measured[-1] + (1 - COMBINED_EMA) * score
+        else:  # nnU-Net's logger wants one value per epoch and key: NaN says "not measured in this epoch"
+            case_metrics, score, ema = dict.fromkeys(CASE_LEVEL_KEYS, NOT_MEASURED), NOT_MEASURED, NOT_MEASURED
         for key, value in case_metrics.items():
             self.logger.log(key, value, self.current_epoch)
-        score = combined_score(case_metrics["val_case_pancreas_dice"], case_metrics["val_case_lesion_dice"],
-                               case_metrics["val_cls_macro_f1"])
         self.logger.log("combined_score", score, self.current_epoch)
-        history = self.logger.get_value("ema_combined_score", step=None)
-        ema = score if not history else COMBINED_EMA * history[-1] + (1 - COMBINED_EMA) * score
         self.logger.log("ema_combined_score", ema, self.current_epoch)
+
+    def case_validation_due(self) -> bool:
+        """Case-level validation every ``case_validation_every`` epochs, the first and the last included."""
+        return self.current_epoch % self.case_validation_every == 0 or self.current_epoch == self.num_epochs - 1
 
     def on_epoch_end(self) -> None:
         """nnU-Net's epoch end, with the best checkpoint chosen by the EMA of the combined score."""
@@ -370,16 +375,15 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                "cls", np.round(log("train_cls_losses", step=-1), 4), ")")
         self.print_to_log_file("val_loss", np.round(log("val_losses", step=-1), 4))
         self.print_to_log_file("Pseudo dice", [round(float(i), 4) for i in log("dice_per_class_or_region", step=-1)])
-        case_numbers = ", ".join(f"{k.removeprefix('val_')} {log(k, step=-1):.4f}" for k in
-                                 ("val_case_pancreas_dice", "val_case_lesion_dice", "val_cls_accuracy",
-                                  "val_cls_macro_f1"))
-        self.print_to_log_file(f"case-level: {case_numbers}")
+        if not np.isnan(log("combined_score", step=-1)):  # epochs without case-level validation say nothing
+            case_numbers = ", ".join(f"{k.removeprefix('val_')} {log(k, step=-1):.4f}" for k in CASE_LEVEL_KEYS)
+            self.print_to_log_file(f"case-level: {case_numbers}")
         epoch_seconds = log("epoch_end_timestamps", step=-1) - log("epoch_start_timestamps", step=-1)
         self.print_to_log_file(f"Epoch time: {epoch_seconds:.2f} s")
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
         ema = log("ema_combined_score", step=-1)
-        if self._best_combined is None or ema > self._best_combined:
+        if not np.isnan(ema) and (self._best_combined is None or ema > self._best_combined):
             self._best_combined = ema
             self._best_ema = log("ema_fg_dice", step=-1)
             self.print_to_log_file(f"New best combined score (EMA): {ema:.4f}")
@@ -391,9 +395,9 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
 
     def write_training_curves(self) -> None:
         """Every logged value per epoch as JSON (the report reads it) and a classification progress PNG."""
-        from nnunet_mtl.training.curves import plot_classification_progress
+        from nnunet_mtl.training.curves import not_measured_as_null, plot_classification_progress
 
-        curves = to_plain(self.logger.get_checkpoint())
+        curves = not_measured_as_null(to_plain(self.logger.get_checkpoint()))
         (Path(self.output_folder) / "training_curves.json").write_text(json.dumps(curves))
         plot_classification_progress(curves, Path(self.output_folder) / "progress_classification.png")
 

@@ -87,7 +87,7 @@ class CaseValidationMixin:
             for key in dataset.identifiers:
                 data, seg, _, _ = dataset.load_case(key)
                 logits, probabilities = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                predicted = logits.float().argmax(0).numpy()
+                predicted = logits.argmax(0).cpu().numpy()  # on CUDA the tiled logits stay on the device
                 truth = np.asarray(seg)[0]
                 rows.append((self.case_subtypes[key], int(np.argmax(probabilities)),
                              dice(predicted > 0, truth > 0), dice(predicted == LESION_LABEL, truth == LESION_LABEL)))
