@@ -1,72 +1,24 @@
-"""Per-file checks of images and masks (data/checks.py) on hand-made volumes: each problem named, each tolerance held
-at its edge from both sides. The importer's tests see these through whole datasets; here each rule is pinned."""
+"""Per-file checks of images and masks (data/checks.py) on hand-made headers and arrays: each problem named, each
+tolerance held at its edge from both sides. The reader's own checks (whole file, 3D, finite) are in test_nifti.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import SimpleITK as sitk
-from volumes import write_volume
 
 from nnunet_mtl.data import checks
-from nnunet_mtl.data.checks import check_finite, check_shape, clean_mask, geometry_problems, read_nifti
+from nnunet_mtl.data.checks import clean_mask, geometry_problems
+from nnunet_mtl.data.nifti import Geometry
 
 SPACING, ORIGIN = (0.8, 0.8, 2.0), (10.0, -20.0, 30.0)
 
 
-def image(array=None, spacing=SPACING, origin=ORIGIN, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.zeros((4, 6, 8), np.int16) if array is None else array)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    img.SetDirection([float(d) for d in direction])
-    return img
-
-
-def test_unreadable_files_become_problems_with_itks_reason(tmp_path: Path) -> None:
-    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
-    read, problems = read_nifti(tmp_path / "bad.nii.gz")
-    assert read is None
-    assert problems == [f'not a readable NIfTI file (sitk::ERROR: Unable to determine ImageIO reader for '
-                        f'"{tmp_path / "bad.nii.gz"}")']  # ITK's last line, not its source location
-    read, problems = read_nifti(write_volume(tmp_path / "ok.nii.gz", np.ones((2, 3, 4), np.int16)))
-    assert problems == [] and read.GetSize() == (4, 3, 2)
-
-
-@pytest.mark.parametrize("message, reason", [
-    ("Exception thrown in ImageFileReader_Execute: file.cxx:99:\nsitk::ERROR: first\nsitk::ERROR: the last line",
-     "sitk::ERROR: the last line"),
-    ("", "RuntimeError"),  # an empty message: the exception's kind
-])
-def test_the_reason_is_the_errors_last_line(tmp_path: Path, monkeypatch, message: str, reason: str) -> None:
-    def failing(path):
-        raise RuntimeError(message)
-
-    monkeypatch.setattr(sitk, "ReadImage", failing)
-    assert read_nifti(tmp_path / "x.nii.gz") == (None, [f"not a readable NIfTI file ({reason})"])
-
-
-def test_shape_checks_name_dimension_and_channels() -> None:
-    assert check_shape(image(), "image") == []
-    flat = sitk.GetImageFromArray(np.zeros((6, 8), np.int16))
-    assert check_shape(flat, "mask") == ["mask is 2D (size [8, 6]), expected 3D"]
-    vector = sitk.GetImageFromArray(np.zeros((4, 6, 8, 3), np.int16), isVector=True)
-    assert check_shape(vector, "image") == ["image has 3 components per voxel, expected a single channel"]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_non_finite_voxels_are_counted_by_kind(tmp_path: Path, dtype) -> None:
-    array = np.zeros((4, 6, 8), dtype)
-    array[0, 0, :3] = np.nan
-    array[1, 1, 1], array[2, 2, 2] = np.inf, -np.inf
-    path = write_volume(tmp_path / "f.nii.gz", array)
-    assert check_finite(sitk.ReadImage(str(path)), path, "image") == [
-        "image holds 5 non-finite voxels (-inf, NaN, inf)"]
-    clean = write_volume(tmp_path / "clean.nii.gz", np.ones((4, 6, 8), dtype))
-    assert check_finite(sitk.ReadImage(str(clean)), clean, "image") == []
-    integers = write_volume(tmp_path / "i.nii.gz", np.ones((4, 6, 8), np.int16))
-    assert check_finite(sitk.ReadImage(str(integers)), integers, "image") == []
+def image(array=None, spacing=SPACING, origin=ORIGIN, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Geometry:
+    """The header view the reader gives (x, y, z order), of an array in z, y, x order."""
+    shape = (4, 6, 8) if array is None else np.shape(array)
+    return Geometry(size=tuple(reversed(shape)), spacing=tuple(float(v) for v in spacing),
+                    origin=tuple(float(v) for v in origin), direction=tuple(float(d) for d in direction),
+                    pixel_id=sitk.sitkInt16)
 
 
 def test_geometry_tolerances_hold_at_their_edges() -> None:
@@ -104,12 +56,12 @@ def rotation_z(degrees: float) -> tuple[float, ...]:
     return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
 
 
-def mask(values: dict[tuple[int, int, int], float], dtype=np.float32) -> sitk.Image:
+def mask(values: dict[tuple[int, int, int], float], dtype=np.float32) -> np.ndarray:
     array = np.zeros((4, 6, 8), dtype)
     array[1:3, 1:4, 1:5] = 1
     for index, value in values.items():
         array[index] = value
-    return image(array)
+    return array
 
 
 def test_clean_mask_rounds_within_the_tolerance_only() -> None:
@@ -127,7 +79,7 @@ def test_clean_mask_rounds_within_the_tolerance_only() -> None:
     # an error of exactly the tolerance is still rounded; here it is the only source of label 0
     edge = np.full((4, 6, 8), 0.001)
     edge[1:3, 1:4, 1:5] = 1
-    at_tolerance = clean_mask(image(edge), 3)
+    at_tolerance = clean_mask(edge, 3)
     assert at_tolerance.problems == [] and at_tolerance.labels_present == {0, 1}
     assert at_tolerance.array.sum() == 2 * 3 * 4
     integers = clean_mask(mask({}, np.int16), 3)
@@ -149,8 +101,6 @@ def test_clean_mask_names_negative_and_undeclared_labels() -> None:
     assert both.problems == ["mask holds negative values (-2, -1)",
                              "mask holds labels 4 outside the declared labels 0..2"]
     assert clean_mask(mask({(0, 0, 0): -1.0}), 3).problems == ["mask holds negative values (-1)"]
-    assert clean_mask(sitk.GetImageFromArray(np.zeros((2, 4, 6, 8), np.uint8), isVector=False), 3).problems == [
-        "mask is 4D (size [8, 6, 4, 2]), expected 3D"]
 
 
 def test_listed_values_stop_after_five() -> None:
