@@ -167,7 +167,8 @@ def test_ctrl_c_during_predict_says_finished_cases_are_kept(tiny_dataset, tiny_m
     assert code == 130
     assert "interrupted; finished cases are kept: run the same command again" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{calls[0]}.nii.gz", "subtype_probabilities.csv", "subtype_results.csv"]
+        f"{calls[0]}.nii.gz", "lesion_candidates.csv", "subtype_details.json", "subtype_probabilities.csv",
+        "subtype_results.csv"]
 
 
 # -------------------------------------------------------------------------------------------------------- train
@@ -207,13 +208,20 @@ def alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
 
 @pytest.fixture()
 def fold_2(tiny_env):
-    """The killed training writes fold 2 into the tiny model's folder; removed afterwards so that predictors loading
-    every fold do not find it."""
+    """The killed training writes fold 2 into the tiny model's folder, and its final validation rewrites the model's
+    own files (postprocessing.json, subtype_classifier.json: a one-fold model's decisions); the fold is removed and
+    those files restored afterwards, so the other tests see the tiny model as it was trained."""
     from nnunet_mtl.training.run import build_trainer
 
     folder = Path(build_trainer(TINY_DATASET_ID, TINY_PLANS, 2, "cpu").output_folder)
+    saved = {p: p.read_bytes() for p in folder.parent.iterdir() if p.is_file()}
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+    for p in folder.parent.iterdir():
+        if p.is_file() and p not in saved:
+            p.unlink()
+    for p, content in saved.items():
+        p.write_bytes(content)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")

@@ -116,7 +116,8 @@ def scripted_segmentation(monkeypatch) -> dict:
     made = {}
 
     def convert(*args, **kwargs):
-        shape = np.asarray(original(*args, **kwargs)).shape
+        result = original(*args, **kwargs)
+        shape = np.asarray(result[0] if kwargs.get("return_probabilities") else result).shape
         labels = np.zeros(shape, np.uint8)
         labels[1:shape[0] // 2, 1:shape[1] // 2, 1:shape[2] // 2] = 1
         labels[2:4, 2:5, 2:5] = 2
@@ -124,6 +125,8 @@ def scripted_segmentation(monkeypatch) -> dict:
         made["with_blob"] = labels
         made["gland_only"] = labels.copy()
         made["gland_only"][-3:-1, -4:-1, -4:-1] = 0
+        if kwargs.get("return_probabilities"):  # predict scores lesion components on the class probabilities
+            return labels, np.stack([labels == k for k in range(3)]).astype(np.float32)
         return labels
 
     monkeypatch.setattr(export, "convert_predicted_logits_to_segmentation_with_correct_shape", convert)

@@ -47,7 +47,8 @@ def test_case_names_round_trip_through_predict_submission_check_and_evaluate(awk
     assert rows[0] == ["Names", "Subtype"] and sorted(r[0] for r in rows[1:]) == sorted(f"{n}.nii.gz" for n in NAMES)
     assert '"case,a.nii.gz"' in (out / "subtype_results.csv").read_text(encoding="utf-8")  # quoted, not split
     with open(out / "subtype_probabilities.csv", newline="", encoding="utf-8") as f:
-        assert all(len(row) == 5 for row in csv.reader(f))
+        rows = list(csv.reader(f))  # Names, Subtype, 3 probabilities, 3 lesion columns: a comma splits nothing
+    assert len(rows) == len(NAMES) + 1 and all(len(row) == 8 for row in rows)
 
     code, stdout, _ = run(capsys, *predict)  # run again: every case is kept, nothing crashes
     assert code == 0 and "predicted 0, kept 4" in stdout

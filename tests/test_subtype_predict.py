@@ -85,3 +85,23 @@ def test_predict_folder_records_details_and_refuses_a_feature_variant_without_a_
     if load_classifier(tiny_model).feature_model is None:
         with pytest.raises(InputError, match="no fitted feature classifier"):
             load_predictor(tiny_model, device=CPU, mode=PredictionMode.fast(classifier="features"))
+
+
+def test_fit_classifier_command_refits_from_the_stored_records(tiny_model, tmp_path, capsys):
+    """`nnunet-mtl fit-classifier` rewrites subtype_classifier.json from the fold's records, without predicting:
+    the same classifier as fitting the records directly; a folder that is not a model is refused."""
+    from nnunet_mtl.training.subtype_fit import fit_from_model_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "subtype_classifier.json").unlink()
+    assert cli_main(["fit-classifier", str(model), "--feature-model", "logistic"]) == 0
+    refitted = load_classifier(model)
+    names = json.loads((model / "dataset.json").read_text())["subtype_names"]
+    direct = fit_from_model_folder(model, [names[str(i)] for i in range(len(names))], None, "logistic")
+    records = json.loads((model / "fold_0" / "subtype_records.json").read_text())
+    assert refitted.provenance == direct.provenance
+    assert refitted.provenance["heldout_cases"] == len(records["validation"])
+    assert refitted.cnn_temperature == pytest.approx(direct.cnn_temperature)
+    assert cli_main(["fit-classifier", str(tmp_path)]) == 2
+    assert "is not a trained model folder" in capsys.readouterr().err

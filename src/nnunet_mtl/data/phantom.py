@@ -788,7 +788,8 @@ def _summary(preset: Preset, seed: int, cases: list[dict[str, Any]], previews: l
 
     volumes = [c["lesion_volume_ml"] for c in cases]
     return {"generator": f"nnunet-mtl {__version__} phantom", "preset": preset.name, "site": site.name,
-            "site_profile": dataclasses.asdict(site), "seed": seed,
+            # lists, not tuples: the summary equals what phantom.json reads back
+            "site_profile": json.loads(json.dumps(dataclasses.asdict(site))), "seed": seed,
             "counts": {"train": counts("train"), "validation": counts("validation"),
                        "test": sum(c["split"] == "test" for c in cases)},
             "n_cases": len(cases), "float_mask_quirk_cases": sum(c["float_mask_quirk"] for c in cases),

@@ -93,7 +93,9 @@ def find_candidates(segmentation: np.ndarray, lesion_probability: np.ndarray, sp
 def lesion_facts(candidates: Sequence[Candidate]) -> dict[str, object]:
     """The case's lesion columns for subtype_probabilities.csv: found (0/1), total volume (ml), largest score."""
     return {"lesion_found": int(bool(candidates)),
-            "lesion_volume_ml": round(sum(c.volume_ml for c in candidates), 4),
+            # each component's volume as lesion_candidates.csv stores it (6 decimals), so a case kept from an earlier
+            # run (its components read back from the table) gets the very number it got when it was predicted
+            "lesion_volume_ml": round(sum(round(c.volume_ml, 6) for c in candidates), 4),
             "lesion_probability": round(max((c.max_probability for c in candidates), default=0.0), 6)}
 
 
@@ -104,7 +106,7 @@ def write_candidates_table(out_dir: Path, candidates: Mapping[str, Sequence[Cand
     writer.writerow(COLUMNS)
     for case in sorted(candidates):
         for c in candidates[case]:
-            writer.writerow([f"{case}{MASK_ENDING}", c.component, c.voxels, f"{c.volume_ml:.6g}", *c.peak,
+            writer.writerow([f"{case}{MASK_ENDING}", c.component, c.voxels, f"{c.volume_ml:.6f}", *c.peak,
                              f"{c.max_probability:.6f}", f"{c.mean_probability:.6f}", int(c.in_gland)])
     write_text_atomic(Path(out_dir) / CANDIDATES_CSV, buffer.getvalue())
 

@@ -29,6 +29,7 @@ from nnunet_mtl.inference.lesion_filters import NO_FILTERS, LesionFilters, read_
 from nnunet_mtl.inference.lesion_filters import postprocess as postprocess_lesions
 from nnunet_mtl.inference.outputs import (
     MASK_ENDING,
+    SUBTYPE_CSV,
     case_details,
     read_details,
     read_probability_table,
@@ -297,8 +298,10 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
         n_labels = len(predictor.label_manager.all_labels)
 
         def write_tables() -> None:
-            write_candidates_table(tables, candidates)
-            if probabilities or details:
+            """Every table lists exactly the finished cases (none is created while no case has finished)."""
+            if candidates or (tables / CANDIDATES_CSV).exists():
+                write_candidates_table(tables, candidates)
+            if probabilities or details or (tables / SUBTYPE_CSV).exists():
                 write_subtype_tables(tables, probabilities,
                                      {c: lesion_facts(candidates.get(c, [])) for c in probabilities}, details)
             if part:
