@@ -87,7 +87,9 @@ def test_default_mode_keeps_geometry_and_agrees_with_fast_mode(both_modes):
     fast, default = read_array(both_modes["fast"] / name), read_array(both_modes["default"] / name)
     assert (default > 0).sum() > 500  # the model segments tissue: two empty masks would agree trivially
     overlap = 2 * np.logical_and(fast > 0, default > 0).sum() / ((fast > 0).sum() + (default > 0).sum())
-    assert overlap >= 0.95, overlap
+    # the tiny model (a few iterations) calls most of the crop foreground, so the two modes differ at its ragged
+    # borders: 0.92 measured at main 2026-11-30; the demo model's agreement is bench/predict_speed.py's to report
+    assert overlap >= 0.90, overlap
     fast, default = (read_probability_table(both_modes[m]) for m in ("fast", "default"))
     case = name.removesuffix(".nii.gz")
     assert list(fast) == list(default) == [case]
