@@ -121,6 +121,13 @@ def run_mode(mode: str, model: Path, images: Path, out: Path, device: str, engin
 
 def mask_agreement(pred_dir: Path, reference_dir: Path) -> dict:
     """Mean Dice between two predictions' masks (whole pancreas, lesion), case by case."""
+    pancreas, lesion = mean_dice(pred_dir, reference_dir)
+    return {"pancreas": pancreas, "lesion": lesion}
+
+
+def mean_dice(pred_dir: Path, reference_dir: Path) -> tuple[float, float]:
+    """Case-mean whole-pancreas (label > 0) and lesion (label 2) Dice of ``pred_dir``'s masks against the masks of
+    ``reference_dir`` (the truth, or another mode's prediction)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -132,7 +139,7 @@ def mask_agreement(pred_dir: Path, reference_dir: Path) -> dict:
         p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / mask.name)))
         pancreas.append(dice(p > 0, r > 0))
         lesion.append(dice(p == 2, r == 2))
-    return {"pancreas": float(np.mean(pancreas)), "lesion": float(np.mean(lesion))}
+    return float(np.mean(pancreas)), float(np.mean(lesion))
 
 
 def probabilities(pred_dir: Path) -> dict:
@@ -142,18 +149,8 @@ def probabilities(pred_dir: Path) -> dict:
 
 
 def score(pred_dir: Path, truth: Path) -> dict:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from nnunet_mtl.evaluation.metrics import dice
-
-    pancreas, lesion = [], []
-    for mask in sorted(truth.glob("*.nii.gz")):
-        t = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
-        p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / mask.name)))
-        pancreas.append(dice(p > 0, t > 0))
-        lesion.append(dice(p == 2, t == 2))
-    return {"pancreas_dice": float(np.mean(pancreas)), "lesion_dice": float(np.mean(lesion))}
+    pancreas, lesion = mean_dice(pred_dir, truth)
+    return {"pancreas_dice": pancreas, "lesion_dice": lesion}
 
 
 def subtypes(pred_dir: Path) -> dict[str, str]:

@@ -613,19 +613,20 @@ def make_case(rng_or_seed: np.random.Generator | int | Sequence[int], subtype: i
 
 
 def _site(site: str | Site) -> Site:
-    if isinstance(site, Site):
-        return site
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
-    return SITES[site]
+    return _lookup(site, Site, SITES, "site")
 
 
 def _preset(preset: str | Preset) -> Preset:
-    if isinstance(preset, Preset):
-        return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[preset]
+    return _lookup(preset, Preset, PRESETS, "preset")
+
+
+def _lookup(value, kind: type, table: dict, what: str):
+    """``value`` itself when it is already a ``kind``, else its entry in ``table`` (an error naming the choices)."""
+    if isinstance(value, kind):
+        return value
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(table)}")
+    return table[value]
 
 
 def _test_subtypes(n_test: int, rng: np.random.Generator) -> list[int]:
