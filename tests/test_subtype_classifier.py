@@ -181,6 +181,20 @@ def test_fusion_weight_follows_the_held_out_cases():
     assert heads_right.validation["fused"]["macro_f1"] == 1.0 == features_right.validation["fused"]["macro_f1"]
 
 
+
+def test_fusion_is_the_default_only_when_enough_held_out_cases_show_a_clear_gain():
+    fit_rows = records(0, 30, cnn_right=True, features_right=True)
+    names = ["a", "b", "c"]
+    # the head wrong, the features right: 12 held-out cases are too few to trust it, 36 are enough
+    assert fit_classifier(fit_rows, records(2, 12, cnn_right=False, features_right=True), names).default_variant \
+        == "cnn"
+    many = fit_classifier(fit_rows, records(3, 36, cnn_right=False, features_right=True), names)
+    assert many.default_variant == "fused" and many.validation["cnn"]["macro_f1"] == 0.0
+    # both right on 36 cases: no gain, the calibrated head stays the default
+    assert fit_classifier(fit_rows, records(4, 36, cnn_right=True, features_right=True), names).default_variant \
+        == "cnn"
+
+
 def test_the_classifier_rests_on_the_training_and_validation_records_only(tmp_path):
     """What the model folder's records hold is all a fit sees: test labels cannot leak into it."""
     fold = tmp_path / "fold_0"

@@ -41,6 +41,13 @@ RECORDS_FILE = "subtype_records.json"
 # Below this many training cases with a predicted lesion per subtype, a feature model (and its cross-validated
 # calibration) would rest on nothing: the head alone then.
 MIN_CASES_PER_CLASS = 5
+# Which variant predict uses by default. On 150 test cases at each of three phantom sites (bench/classification.py,
+# trained on site A, docs/measurements-classification.md) the fused variant chosen on 12 validation cases was no
+# better than the calibrated head in macro-F1 (0.820 / 0.594 / 0.745 vs 0.832 / 0.624 / 0.730) and worse calibrated at
+# every site (ECE 0.212 / 0.130 / 0.187 vs 0.145 / 0.100 / 0.046): 12 cases cannot show a difference, so fusion
+# becomes the default only when enough held-out cases show a clear gain.
+MIN_HELDOUT_FOR_FUSION = 30
+FUSION_MARGIN = 0.05
 
 
 def save_records(fold_dir: Path, split: str, records: list[dict]) -> None:
@@ -134,12 +141,25 @@ def fit_classifier(fit_rows: list[dict], heldout: list[dict], class_names: list[
         validation["fused"] = variant_metrics(y_held, softmax(fused / classifier.fused_temperature), n) \
             if len(heldout) else None
         provenance["fusion_cases"] = len(heldout)
+        classifier.default_variant = choose_default_variant(validation, len(heldout))
+        provenance["default_variant_rule"] = (
+            f"fused when >= {MIN_HELDOUT_FOR_FUSION} held-out cases show its macro-F1 >= the calibrated head's + "
+            f"{FUSION_MARGIN}, else the calibrated head")
     else:
         classifier.default_variant = "cnn"
         provenance["note"] = (f"too few training cases with a predicted lesion per subtype ({per_class.tolist()}; "
                               f"needs {MIN_CASES_PER_CLASS} each): no feature model, the head alone")
     classifier.provenance, classifier.validation = provenance, validation
     return classifier
+
+
+def choose_default_variant(validation: dict, n_heldout: int) -> str:
+    """"fused" when at least MIN_HELDOUT_FOR_FUSION held-out cases show it ahead of the calibrated head by
+    FUSION_MARGIN in macro-F1, else "cnn"."""
+    fused, cnn = validation.get("fused"), validation.get("cnn")
+    if n_heldout >= MIN_HELDOUT_FOR_FUSION and fused and cnn and fused["macro_f1"] >= cnn["macro_f1"] + FUSION_MARGIN:
+        return "fused"
+    return "cnn"
 
 
 def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequence[str] | None = None,
