@@ -24,7 +24,6 @@ network pass is needed.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_mtl.evaluation.lesions import TOUCHING, label_components
-from nnunet_mtl.inference.outputs import write_text_atomic
+from nnunet_mtl.inference.outputs import write_csv_atomic
 
 CANDIDATES_CSV = "lesion_candidates.csv"
 COLUMNS = ("Names", "component", "voxels", "volume_ml", "peak_z", "peak_y", "peak_x", "max_probability",
@@ -101,14 +100,9 @@ def lesion_facts(candidates: Sequence[Candidate]) -> dict[str, object]:
 
 def write_candidates_table(out_dir: Path, candidates: Mapping[str, Sequence[Candidate]]) -> None:
     """Rewrite the whole table (temporary name, then rename), cases sorted, so it always lists finished cases."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for case in sorted(candidates):
-        for c in candidates[case]:
-            writer.writerow([f"{case}{MASK_ENDING}", c.component, c.voxels, f"{c.volume_ml:.6f}", *c.peak,
-                             f"{c.max_probability:.6f}", f"{c.mean_probability:.6f}", int(c.in_gland)])
-    write_text_atomic(Path(out_dir) / CANDIDATES_CSV, buffer.getvalue())
+    rows = [[f"{case}{MASK_ENDING}", c.component, c.voxels, f"{c.volume_ml:.6f}", *c.peak, f"{c.max_probability:.6f}",
+             f"{c.mean_probability:.6f}", int(c.in_gland)] for case in sorted(candidates) for c in candidates[case]]
+    write_csv_atomic(Path(out_dir) / CANDIDATES_CSV, [COLUMNS, *rows])
 
 
 def read_candidates_table(path: Path) -> dict[str, list[Candidate]]:
