@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from volumes import read_array
+from volumes import crop_phantom_test_images, read_array
 
 from nnunet_mtl.api import Model, predict
 from nnunet_mtl.inference.outputs import read_probability_table
@@ -19,9 +19,11 @@ from nnunet_mtl.inference.predict import InputError, PredictionMode, predict_fol
 
 @pytest.fixture(scope="module")
 def one_case(tiny_model, tiny_dataset, tmp_path_factory):
-    """The first phantom test case and the CLI path's prediction of it (fast mode, as the API's default)."""
+    """The first phantom test case (cropped around its gland) and the CLI path's prediction of it (fast mode, as the
+    API's default)."""
     images = tmp_path_factory.mktemp("api_images")
-    source = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    crops = tmp_path_factory.mktemp("api_crops")
+    source = crops / f"{crop_phantom_test_images(tiny_dataset, crops)[0]}_0000.nii.gz"  # cropped: a few tiles
     shutil.copy(source, images / source.name)
     out = tmp_path_factory.mktemp("api_cli")
     predict_folder(tiny_model, images, out, device=torch.device("cpu"), mode=PredictionMode.fast(), progress=False)

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from tiny import REAL_CT
-from volumes import read_array, write_volume
+from volumes import crop_phantom_test_images, read_array, write_volume
 
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference.outputs import read_probability_table
@@ -39,14 +39,18 @@ def assert_same_geometry(mask_file: Path, image_file: Path) -> None:
 
 def test_predict_keeps_geometry_and_writes_the_task_format(tiny_model, tiny_dataset, tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    source = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    # the test images cropped around the gland: whole images would spend minutes tiling with the tiny model
+    case = crop_phantom_test_images(tiny_dataset, tmp_path / "crops")[0]
+    source = tmp_path / "crops" / f"{case}_0000.nii.gz"
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(source)))
     rotation = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # axes permuted: not identity, still orthonormal
     write_volume(images / "quiz_901_0000.nii.gz", array.astype(np.int16), (0.83, 1.17, 2.6), (-120.5, 33.25, 7.0),
                  rotation)
     shutil.copy(source, images / "quiz_902_0000.nii.gz")
-    shutil.copy(REAL_CT / "example_ct.nii.gz", images / "quiz_903_0000.nii.gz")  # a real abdominal CT, 3 mm
+    # a block of a real abdominal CT (3 mm, flipped axes): SimpleITK's slicing keeps its spacing and direction and
+    # moves the origin to the block's first voxel, so the real header is what must come back
+    real = sitk.ReadImage(str(REAL_CT / "example_ct.nii.gz"))
+    sitk.WriteImage(real[40:64, 40:64, 48:64], str(images / "quiz_903_0000.nii.gz"), True)
     out = tmp_path / "out"
     report = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
     assert not report.failed and len(report.predicted) == len(list(images.iterdir()))
@@ -70,9 +74,9 @@ def both_modes(tiny_model, tiny_dataset, tmp_path_factory) -> dict[str, Path]:
     """One tiny test case predicted by the one seeded tiny model in fast mode and in default mode (nnU-Net's:
     Gaussian tiles at step 0.5 with mirroring, about 150 tiles x 8 mirrors here, hence one case)."""
     root = tmp_path_factory.mktemp("modes")
-    image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    case = crop_phantom_test_images(tiny_dataset, root / "crops", size_xyz=(80, 80, 24))[0]
     (root / "images").mkdir()
-    shutil.copy(image, root / "images" / image.name)
+    shutil.copy(root / "crops" / f"{case}_0000.nii.gz", root / "images" / f"{case}_0000.nii.gz")
     for name, mode in (("fast", PredictionMode.fast()), ("default", PredictionMode())):
         report = predict_folder(tiny_model, root / "images", root / name, device=CPU, mode=mode, progress=False)
         assert not report.failed and len(report.predicted) == 1
@@ -96,13 +100,14 @@ def test_default_mode_keeps_geometry_and_agrees_with_fast_mode(both_modes):
     assert int(np.argmax(fast[case])) == int(np.argmax(default[case]))
 
 
-def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset):
+def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset, tmp_path):
     # lesion_weighted: the tiles' own records, no extra lesion-centred pass
     predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(use_mirroring=True,
                                                                           aggregation="lesion_weighted"))
     encoder_calls = []
     handle = predictor.network.encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
-    image = sorted((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"))[0]
+    case = crop_phantom_test_images(tiny_dataset, tmp_path)[0]  # a few tiles: the count is what matters
+    image = tmp_path / f"{case}_0000.nii.gz"
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     data, _, _ = cm.preprocessor_class(verbose=False).run_case([str(image)], None, pm, cm, predictor.dataset_json)
     predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
@@ -275,6 +280,8 @@ def test_stock_nnunet_predictor_uses_our_model_folder(tiny_model, tiny_dataset, 
     from nnunet_mtl.cli.train import ext_trainer_path
 
     out = tmp_path / "stock"
+    images = tmp_path / "images"
+    crop_phantom_test_images(tiny_dataset, images)  # around the gland: whole images tile for a minute
     env = {**os.environ, "nnUNet_extTrainer": ext_trainer_path()}
     code = ("from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
             "import torch, sys\n"
@@ -283,7 +290,8 @@ def test_stock_nnunet_predictor_uses_our_model_folder(tiny_model, tiny_dataset, 
             "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
             "p.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,"
             " num_processes_segmentation_export=1)\n")
-    subprocess.run([sys.executable, "-c", code, str(tiny_model), str(tiny_dataset["phantom"] / "test"), str(out)],
+    subprocess.run([sys.executable, "-c", code, str(tiny_model), str(images), str(out)],
                    check=True, env=env, capture_output=True)
-    for image in (tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz"):
+    assert len(list(images.glob("*_0000.nii.gz"))) == 3
+    for image in images.glob("*_0000.nii.gz"):
         assert_same_geometry(out / image.name.replace("_0000", ""), image)

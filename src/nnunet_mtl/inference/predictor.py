@@ -6,7 +6,7 @@ Overrides of :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` (
   segmentation for nnU-Net's Gaussian-weighted sliding window and record the subtype logits with the tile's
   predicted lesion volume, so one encoder pass per tile (and per mirror) serves both heads.
 - ``predict_logits_from_preprocessed_data``: resets the tile record before nnU-Net loops over folds and tiles, and
-  aggregates it afterwards into the case's subtype probabilities.
+  aggregates it afterwards into the case's subtype probabilities; one fold already loaded is not loaded again.
 - ``predict_sliding_window_return_logits``: fast mode on CPU predicts a crop of up to ``single_pass_max_patches``
   patch volumes in a single pass, padded only to the network's stride. The network is fully convolutional; measured on
   the phantom test set, a single pass over the whole crop gave the same whole-pancreas Dice as tiling at step 1.0
@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_mtl.inference.engines import Engine, TorchEngine, weights_key
+from nnunet_mtl.inference.labels import labels_from_scores
 from nnunet_mtl.model.lesion_features import select_lesion
 from nnunet_mtl.model.subtype_classifier import SubtypeClassifier
 
@@ -101,6 +103,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.engine = engine if engine is not None else TorchEngine()
         self.lesion_tile_attention = lesion_tile_attention
         self._weights_keys: dict[int, str] = {}
+        self._loaded_parameters: dict | None = None  # the parameter set nnU-Net's fold loop last loaded
         self.aggregation = aggregation
         self.single_pass_max_patches = single_pass_max_patches
         self.lesion_label = lesion_label
@@ -158,15 +161,29 @@ class MultiTaskPredictor(nnUNetPredictor):
     def _record_tile(self, segmentation: torch.Tensor, subtype_logits: torch.Tensor) -> None:
         lesion = 0.0
         if self.aggregation != "mean" and self.lesion_label < segmentation.shape[1]:
-            lesion = float((segmentation.argmax(1) == self.lesion_label).sum())
+            lesion = float((labels_from_scores(segmentation, dim=1) == self.lesion_label).sum())
         for logits in subtype_logits.float().cpu():  # batch of one tile in practice
             self.tile_records.append(TileRecord(logits, lesion, self.fold_index))
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's fold loop, bracketed by resetting and aggregating the subtype record of this case."""
+        """nnU-Net's fold loop, bracketed by resetting and aggregating the subtype record of this case.
+
+        With one parameter set whose weights the network already holds, nnU-Net's loop would copy them into the
+        network again for every case (0.15 s per case for the demo network); the one pass is run directly then, with
+        nnU-Net's thread setting."""
         self.tile_records, self.fold_index = [], 0
-        logits = super().predict_logits_from_preprocessed_data(data)
+        parameters = self.list_of_parameters
+        if len(parameters) == 1 and self._loaded_parameters is parameters[0]:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(min(default_num_processes, threads))
+            try:
+                logits = self.predict_sliding_window_return_logits(data).to("cpu")
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            logits = super().predict_logits_from_preprocessed_data(data)
+            self._loaded_parameters = parameters[-1] if parameters else None
         self._summarise_records()
         return logits
 
@@ -235,7 +252,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         lesion probability of the pass already made over the crop, cropped to the patch; ``"tile"``: the whole
         network runs on the patch and its own decoder gives the attention (twice the work).
         """
-        centre = lesion_centre(logits.argmax(0).cpu().numpy(), self.lesion_label)
+        centre = lesion_centre(labels_from_scores(logits).cpu().numpy(), self.lesion_label)
         if centre is None:
             return
         patch = np.array(self.configuration_manager.patch_size)
@@ -249,7 +266,7 @@ class MultiTaskPredictor(nnUNetPredictor):
                 self._internal_maybe_mirror_and_predict(tile)
             return
         tile_logits = logits[region].float()
-        lesion_voxels = float((tile_logits.argmax(0) == self.lesion_label).sum())
+        lesion_voxels = float((labels_from_scores(tile_logits) == self.lesion_label).sum())
         # the last label is the lesion, as in the network's own attention (MultiTaskUNet.forward)
         probability = pad_nd_image(torch.softmax(tile_logits, 0)[-1:], [int(p) for p in patch])[None]
         with self._autocast():

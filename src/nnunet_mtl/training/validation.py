@@ -31,6 +31,7 @@ from torch import distributed as dist
 from nnunet_mtl.evaluation.lesions import match_case
 from nnunet_mtl.evaluation.metrics import dice
 from nnunet_mtl.inference import lesion_filters, postprocessing
+from nnunet_mtl.inference.labels import labels_from_scores
 from nnunet_mtl.inference.lesion_candidates import find_candidates, lesion_facts, write_candidates_table
 from nnunet_mtl.inference.outputs import write_subtype_tables
 from nnunet_mtl.inference.predict import PredictionMode
@@ -38,7 +39,7 @@ from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.inference.subtype import describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
 from nnunet_mtl.tempfiles import owner_tag, remove_stale
-from nnunet_mtl.training.subtype_fit import fit_from_model_folder, save_records
+from nnunet_mtl.training.subtype_fit import MIN_CASES_PER_CLASS, fit_from_model_folder, save_records
 
 LESION_LABEL = 2
 
@@ -104,14 +105,15 @@ class CaseValidationMixin:
                                                    labels=list(range(len(self.subtype_names))), zero_division=0)),
                 "val_case_pancreas_dice": float(np.mean(pancreas)), "val_case_lesion_dice": float(np.mean(lesion))}
 
-    def _predict_record(self, predictor: MultiTaskPredictor, key: str, data) -> tuple[torch.Tensor, dict]:
+    def _predict_record(self, predictor: MultiTaskPredictor, key: str, data,
+                        with_features: bool = True) -> tuple[torch.Tensor, dict]:
         """Predict one preprocessed case; return its logits and its subtype record (head logits per fold, the
-        predicted lesion's features) for fitting the subtype classifier."""
+        predicted lesion's features unless ``with_features`` is False) for fitting the subtype classifier."""
         logits, _ = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-        labels = logits.float().argmax(0).numpy()
+        labels = labels_from_scores(logits.float()).numpy()
         described = describe_case(predictor.last_fold_logits, np.asarray(data), labels,
                                   self.configuration_manager.spacing, self.plans_manager, self.configuration_manager,
-                                  classifier=None, with_features=True)
+                                  classifier=None, with_features=with_features)
         record = {"case": key, "subtype": self.case_subtypes[key], "fold_logits": described.fold_logits.tolist(),
                   "features": described.features, "lesion_ml": described.lesion_ml}
         return logits, record
@@ -121,12 +123,20 @@ class CaseValidationMixin:
         """The fold's own training cases as its final weights predict them (fast mode): what the feature classifier
         is fitted on when no out-of-fold predictions exist."""
         train_keys, _ = self.do_split()
+        # A subtype with fewer training cases than the feature model needs gets no feature model whatever the masks
+        # look like: the head's logits are recorded then, and the radiomics (most of the time per case) skipped.
+        per_subtype = np.bincount([self.case_subtypes[k] for k in train_keys], minlength=len(self.subtype_names))
+        with_features = bool(per_subtype.min() >= MIN_CASES_PER_CLASS)
+        if not with_features:
+            self.print_to_log_file(f"training cases per subtype {per_subtype.tolist()}: fewer than "
+                                   f"{MIN_CASES_PER_CLASS} of some subtype, so no feature model; their lesion "
+                                   "features are not computed")
         dataset = self._validation_dataset(train_keys)
         predictor = self._predictor(fast=True)
         records = []
         for key in dataset.identifiers:
             data, _, _, _ = dataset.load_case(key)
-            records.append(self._predict_record(predictor, key, data)[1])
+            records.append(self._predict_record(predictor, key, data, with_features)[1])
         return records
 
     def _export_validation_case(self, logits: torch.Tensor, properties: dict, out: Path, key: str,
