@@ -119,6 +119,18 @@ def tiny_env(tiny_dataset, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_test_crops(tiny_dataset, tmp_path_factory) -> Path:
+    """The tiny dataset's three test images cropped around their gland (read only): prediction tests that check
+    files, tables, resumption or engines, not accuracy against the whole-image truth, predict these in a fraction of
+    the time."""
+    from volumes import crop_phantom_test_images
+
+    folder = tmp_path_factory.mktemp("test_crops")
+    crop_phantom_test_images(tiny_dataset, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dataset) -> Path:
     """A model folder trained on the tiny dataset (fold 0), seeded; its validation fold predicted and scored."""
     from nnunet_mtl.training.run import TrainSettings, train

@@ -28,18 +28,18 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def torch_reference(tiny_model, tiny_dataset, tmp_path_factory) -> Path:
+def torch_reference(tiny_model, tiny_test_crops, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    report = predict_folder(tiny_model, tiny_dataset["phantom"] / "test", out, device=CPU,
+    report = predict_folder(tiny_model, tiny_test_crops, out, device=CPU,
                             mode=PredictionMode.fast(), progress=False)
     assert not report.failed
     return out
 
 
 @pytest.mark.parametrize(("engine", "precision"), OFFERED)
-def test_every_engine_predicts_what_torch_fp32_predicts(engine, precision, tiny_model, tiny_dataset,
+def test_every_engine_predicts_what_torch_fp32_predicts(engine, precision, tiny_model, tiny_test_crops,
                                                         torch_reference, tmp_path):
-    images = tiny_dataset["phantom"] / "test"
+    images = tiny_test_crops
     mode = PredictionMode.fast(engine=engine, precision=precision)
     if precision == "bf16" and not engines.cpu_has_fast_bf16():
         with pytest.raises(EngineUnavailable, match="natively"):

@@ -247,10 +247,10 @@ def test_predict_records_every_lesion_component_and_the_case_facts(tiny_model, t
             sorted(c.voxels for c in kept.get(mask.name.removesuffix(".nii.gz"), []))
 
 
-def test_a_folder_without_candidates_is_predicted_again(tiny_model, tiny_dataset, tmp_path):
+def test_a_folder_without_candidates_is_predicted_again(tiny_model, tiny_test_crops, tmp_path):
     from nnunet_mtl.inference.predict import PredictionMode, predict_folder
 
-    images = tiny_dataset["phantom"] / "test"
+    images = tiny_test_crops
     out = tmp_path / "out"
     first = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
     again = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)

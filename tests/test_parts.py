@@ -40,9 +40,9 @@ def predict_part(model: Path, images: Path, out: Path, k: int, n: int = 2) -> in
                      "--num-parts", str(n), "--part-id", str(k)])
 
 
-def test_parts_predict_resume_and_gather_into_the_single_run_result(tiny_model, tiny_dataset, tmp_path,
+def test_parts_predict_resume_and_gather_into_the_single_run_result(tiny_model, tiny_test_crops, tmp_path,
                                                                      monkeypatch, capsys):
-    images = tiny_dataset["phantom"] / "test"
+    images = tiny_test_crops
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     single, parted = tmp_path / "single", tmp_path / "parted"
     assert cli_main(["predict", "-i", str(images), "-o", str(single), "-m", str(tiny_model), "--fast",

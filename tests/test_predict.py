@@ -189,11 +189,11 @@ def test_tiled_prediction_takes_the_subtype_from_a_patch_centred_on_the_lesion(t
     assert sorted(r.lesion_voxels for r in predictor.tile_records)[-2:] == [2 * 2 * 4, 2 * 2 * 4]
 
 
-def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_model, tiny_dataset, tmp_path,
+def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_model, tiny_test_crops, tmp_path,
                                                                        monkeypatch):
     import nnunet_mtl.inference.predict as predict_module
 
-    images = tiny_dataset["phantom"] / "test"
+    images = tiny_test_crops
     out = tmp_path / "out"
     original = predict_module.predict_case
     calls = []
@@ -215,7 +215,7 @@ def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_mode
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 1 + 3
 
 
-def test_an_interrupted_mask_write_leaves_no_mask_and_is_redone(tiny_model, tiny_dataset, tmp_path, monkeypatch):
+def test_an_interrupted_mask_write_leaves_no_mask_and_is_redone(tiny_model, tiny_test_crops, tmp_path, monkeypatch):
     """Killed while nnU-Net writes a mask: no file under the case's name (a reader would take a truncated mask for
     a result), and the next run predicts that case again."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -227,7 +227,7 @@ def test_an_interrupted_mask_write_leaves_no_mask_and_is_redone(tiny_model, tiny
         Path(output_fname).write_bytes(b"\x1f\x8b\x08 half a mask")  # what a killed process leaves behind
         raise KeyboardInterrupt
 
-    images, out = tiny_dataset["phantom"] / "test", tmp_path / "out"
+    images, out = tiny_test_crops, tmp_path / "out"
     monkeypatch.setattr(writer, "write_seg", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
@@ -241,9 +241,9 @@ def test_an_interrupted_mask_write_leaves_no_mask_and_is_redone(tiny_model, tiny
     assert not list(out.glob(".*"))  # the half-written temporary file is gone too
 
 
-def test_a_corrupt_case_is_reported_and_the_others_predicted(tiny_model, tiny_dataset, tmp_path):
+def test_a_corrupt_case_is_reported_and_the_others_predicted(tiny_model, tiny_test_crops, tmp_path):
     images = tmp_path / "images"
-    shutil.copytree(tiny_dataset["phantom"] / "test", images)
+    shutil.copytree(tiny_test_crops, images)
     (images / "quiz_950_0000.nii.gz").write_bytes(b"this is not a nifti file")
     write_volume(images / "quiz_951_0000.nii.gz", np.full((8, 16, 16), np.nan, dtype=np.float32))
     out = tmp_path / "out"

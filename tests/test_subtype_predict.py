@@ -75,14 +75,14 @@ def test_predict_writes_the_chosen_variant_and_every_opinion(tiny_model, tiny_da
 
 
 def test_predict_folder_records_details_and_refuses_a_feature_variant_without_a_feature_model(tiny_model,
-                                                                                              tiny_dataset, tmp_path,
+                                                                                              tiny_test_crops, tmp_path,
                                                                                               capsys):
     out = tmp_path / "out"
-    code = cli_main(["predict", "-i", str(tiny_dataset["phantom"] / "test"), "-o", str(out), "-m", str(tiny_model),
+    code = cli_main(["predict", "-i", str(tiny_test_crops), "-o", str(out), "-m", str(tiny_model),
                      "--fast", "--device", "cpu"])
     assert code == 0
     details = read_details(out)
-    assert len(details) == len(list((tiny_dataset["phantom"] / "test").glob("*_0000.nii.gz")))
+    assert len(details) == len(list((tiny_test_crops).glob("*_0000.nii.gz")))
     for record in details.values():
         assert set(record) >= {"variant", "probabilities", "fold_logits", "lesion_found", "lesion_ml", "features"}
         assert np.isclose(sum(record["probabilities"][record["variant"]]), 1.0)
