@@ -248,3 +248,71 @@ def test_masks_must_be_uint8_label_maps(prediction, tmp_path, capsys, dtype):
     assert cli_main(["submission", str(preds), "--zip", str(tmp_path / "new" / "results.zip")]) == 2
     assert f"{preds / 'quiz_002.nii.gz'}: voxels are {np.dtype(dtype).name}" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # no zip, no temporary, no empty folder
+
+
+def test_pack_refusals_name_the_table_and_each_mask_in_full(prediction, tmp_path):
+    """pack_submission's message: one line per problem, the table and masks named by their path, the reader's
+    role words ("mask") and the first eight bad labels only."""
+    import SimpleITK as sitk
+
+    from nnunet_mtl.inference.submission import SubmissionError
+
+    images, preds = prediction
+    probabilities = {c: np.array([0.7, 0.2, 0.1]) for c in CASES + ["quiz_004"]}
+    write_subtype_tables(preds, probabilities)  # quiz_004 is listed but has no mask
+    labels = np.zeros((6, 10, 12), np.uint8)
+    labels.flat[:10] = np.arange(3, 13)  # ten labels outside 0, 1, 2: the message shows the first eight values
+    write_volume(preds / "quiz_002.nii.gz", labels, SPACING, ORIGIN)
+    flat = sitk.GetImageFromArray(np.zeros((10, 12), np.uint8))
+    sitk.WriteImage(flat, str(preds / "quiz_003.nii.gz"))
+    with pytest.raises(SubmissionError) as raised:
+        pack_submission(preds, tmp_path / "x.zip")
+    assert str(raised.value).splitlines() == [
+        "3 problem(s), no zip written:",
+        f"  - {preds / TABLE} line 5: quiz_004.nii.gz has no mask in the folder",
+        f"  - {preds / 'quiz_002.nii.gz'}: labels [0, 3, 4, 5, 6, 7, 8, 9] outside 0, 1, 2",
+        f"  - {preds / 'quiz_003.nii.gz'}: mask is 2D (size [12, 10]), expected 3D",
+    ]
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_an_uncompressed_mask_named_nii_gz_is_refused(prediction, tmp_path):
+    import SimpleITK as sitk
+
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    image = sitk.GetImageFromArray(good_mask())
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))  # uncompressed bytes under a .nii.gz name
+    broken = rewrite(good, tmp_path / "broken.zip", {"quiz_001.nii.gz": (tmp_path / "plain.nii").read_bytes()})
+    assert check_submission(broken, images) == [
+        "mask quiz_001.nii.gz: not gzip-compressed although named .nii.gz (validators that open .nii.gz files with "
+        "gzip, as nibabel does, fail on it); save it compressed"]
+
+
+def test_hidden_files_among_the_images_are_not_test_cases(prediction, tmp_path):
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    write_volume(images / ".quiz_009_0000.nii.gz", np.zeros((6, 10, 12), np.int16), SPACING, ORIGIN)
+    assert check_submission(good, images) == []
+
+
+def test_a_damaged_table_inside_the_zip_is_named(prediction, tmp_path):
+    """A CRC failure of the table's member: said as such, not a traceback."""
+    images, preds = prediction
+    good = tmp_path / "good.zip"
+    pack_submission(preds, good)
+    stored = tmp_path / "stored.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(stored, "w", compression=zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    data = bytearray(stored.read_bytes())
+    at = data.index(b"quiz_002.nii.gz,1")  # inside the stored table's bytes
+    data[at] ^= 0x20
+    stored.write_bytes(bytes(data))
+    problems = check_submission(stored, images)
+    assert len(problems) == 1 and problems[0].startswith(f"{TABLE} is damaged inside the zip (")
+    assert "CRC" in problems[0]
