@@ -88,7 +88,7 @@ class CaseValidationMixin:
             for key in dataset.identifiers:
                 data, seg, _, _ = dataset.load_case(key)
                 logits, probabilities = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                predicted = logits.argmax(0).cpu().numpy()  # on CUDA the tiled logits stay on the device
+                predicted = labels_from_scores(logits).cpu().numpy()  # on CUDA the tiled logits stay on the device
                 truth = np.asarray(seg)[0]
                 rows.append((self.case_subtypes[key], int(np.argmax(probabilities)),
                              dice(predicted > 0, truth > 0), dice(predicted == LESION_LABEL, truth == LESION_LABEL)))
@@ -184,13 +184,18 @@ class CaseValidationMixin:
         out = Path(self.output_folder) / "validation"
         out.mkdir(parents=True, exist_ok=True)
         remove_stale(out)  # temporaries of a killed earlier validation
-        _, val_keys = self.do_split()
+        train_keys, val_keys = self.do_split()
+        # Validation records feed the feature model's calibration and, over cross-validation folds, its out-of-fold
+        # fit: both need MIN_CASES_PER_CLASS labelled cases of every subtype in the pool the folds share.
+        pool = np.bincount([self.case_subtypes[k] for k in (*train_keys, *val_keys)],
+                           minlength=len(self.subtype_names))
+        with_features = bool(pool.min() >= MIN_CASES_PER_CLASS)
         dataset = self._validation_dataset(val_keys)
         records, evidence = [], {}
         with torch.no_grad():
             for key in dataset.identifiers:
                 data, _, _, properties = dataset.load_case(key)
-                logits, record = self._predict_record(predictor, key, data)
+                logits, record = self._predict_record(predictor, key, data, with_features)
                 records.append(record)
                 evidence[key] = self._export_validation_case(logits, properties, out, key, save_probabilities)
         fold_dir, model_dir = Path(self.output_folder), Path(self.output_folder_base)
