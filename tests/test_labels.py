@@ -24,3 +24,15 @@ def test_equals_torch_argmax(dim: int, classes: int) -> None:
 def test_too_many_classes_refused() -> None:
     with pytest.raises(ValueError, match="uint8"):
         labels_from_scores(torch.zeros(256, 2))
+
+
+def test_the_predictor_labels_each_logits_tensor_once_and_never_a_changed_one() -> None:
+    from nnunet_mtl.inference.predictor import MultiTaskPredictor
+
+    predictor = MultiTaskPredictor(device=torch.device("cpu"))
+    logits = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(1))
+    first = predictor.crop_labels(logits)
+    assert torch.equal(torch.from_numpy(first).long(), logits.argmax(0))
+    assert predictor.crop_labels(logits) is first  # the same tensor: no second computation
+    other = logits.flip(0)
+    assert torch.equal(torch.from_numpy(predictor.crop_labels(other)).long(), other.argmax(0))

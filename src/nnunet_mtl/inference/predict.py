@@ -18,7 +18,6 @@ import torch
 
 from nnunet_mtl.data.nifti import NiftiError, Volume, read_geometry, read_volume
 from nnunet_mtl.inference import engines
-from nnunet_mtl.inference.labels import labels_from_scores
 from nnunet_mtl.inference.lesion_candidates import (
     CANDIDATES_CSV,
     Candidate,
@@ -240,8 +239,7 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
     subtype = None
     if predictor.last_fold_logits is not None:
-        labels = labels_from_scores(logits).numpy()
-        subtype = describe_case(predictor.last_fold_logits, data, labels, cm.spacing, pm, cm,
+        subtype = describe_case(predictor.last_fold_logits, data, predictor.crop_labels(logits), cm.spacing, pm, cm,
                                 predictor.subtype_classifier, predictor.classifier_variant)
     segmentation, class_probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, predictor.label_manager, properties, return_probabilities=True)

@@ -24,6 +24,7 @@ Everything else (preprocessing, Gaussian weighting, resampling back to the origi
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.lesion_tile_attention = lesion_tile_attention
         self._weights_keys: dict[int, str] = {}
         self._loaded_parameters: dict | None = None  # the parameter set nnU-Net's fold loop last loaded
+        self._labelled: tuple[weakref.ref, np.ndarray] | None = None  # (logits, their label map): see crop_labels
         self.aggregation = aggregation
         self.single_pass_max_patches = single_pass_max_patches
         self.lesion_label = lesion_label
@@ -158,6 +160,14 @@ class MultiTaskPredictor(nnUNetPredictor):
                 weights = weights_key(self.network.state_dict())
         self.engine.bind(self.network, weights)
 
+    def crop_labels(self, logits: torch.Tensor) -> np.ndarray:
+        """The label map of a crop's logits, computed once per logits tensor: the lesion tile, then the case's
+        lesion features (predict, validation) ask for the same map. Held by a weak reference, so the logits are not
+        kept alive after the case."""
+        if self._labelled is None or self._labelled[0]() is not logits:
+            self._labelled = (weakref.ref(logits), labels_from_scores(logits).cpu().numpy())
+        return self._labelled[1]
+
     def _record_tile(self, segmentation: torch.Tensor, subtype_logits: torch.Tensor) -> None:
         lesion = 0.0
         if self.aggregation != "mean" and self.lesion_label < segmentation.shape[1]:
@@ -184,6 +194,8 @@ class MultiTaskPredictor(nnUNetPredictor):
         else:
             logits = super().predict_logits_from_preprocessed_data(data)
             self._loaded_parameters = parameters[-1] if parameters else None
+            if len(parameters) > 1:  # nnU-Net sums the folds into the first fold's tensor: its label map is stale
+                self._labelled = None
         self._summarise_records()
         return logits
 
@@ -252,7 +264,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         lesion probability of the pass already made over the crop, cropped to the patch; ``"tile"``: the whole
         network runs on the patch and its own decoder gives the attention (twice the work).
         """
-        centre = lesion_centre(labels_from_scores(logits).cpu().numpy(), self.lesion_label)
+        centre = lesion_centre(self.crop_labels(logits), self.lesion_label)
         if centre is None:
             return
         patch = np.array(self.configuration_manager.patch_size)

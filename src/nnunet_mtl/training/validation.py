@@ -31,7 +31,6 @@ from torch import distributed as dist
 from nnunet_mtl.evaluation.lesions import match_case
 from nnunet_mtl.evaluation.metrics import dice
 from nnunet_mtl.inference import lesion_filters, postprocessing
-from nnunet_mtl.inference.labels import labels_from_scores
 from nnunet_mtl.inference.lesion_candidates import find_candidates, lesion_facts, write_candidates_table
 from nnunet_mtl.inference.outputs import write_subtype_tables
 from nnunet_mtl.inference.predict import PredictionMode
@@ -88,7 +87,7 @@ class CaseValidationMixin:
             for key in dataset.identifiers:
                 data, seg, _, _ = dataset.load_case(key)
                 logits, probabilities = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-                predicted = labels_from_scores(logits).cpu().numpy()  # on CUDA the tiled logits stay on the device
+                predicted = predictor.crop_labels(logits)  # on CUDA the tiled logits stay on the device
                 truth = np.asarray(seg)[0]
                 rows.append((self.case_subtypes[key], int(np.argmax(probabilities)),
                              dice(predicted > 0, truth > 0), dice(predicted == LESION_LABEL, truth == LESION_LABEL)))
@@ -105,13 +104,23 @@ class CaseValidationMixin:
                                                    labels=list(range(len(self.subtype_names))), zero_division=0)),
                 "val_case_pancreas_dice": float(np.mean(pancreas)), "val_case_lesion_dice": float(np.mean(lesion))}
 
+    def _features_can_be_fitted(self, keys: list[str], what: str) -> bool:
+        """Whether these cases hold MIN_CASES_PER_CLASS of every subtype. Below that no feature model is fitted
+        whatever the masks look like, so records skip the radiomics (most of a record's time) and keep the head's
+        logits; the log says so."""
+        per_subtype = np.bincount([self.case_subtypes[k] for k in keys], minlength=len(self.subtype_names))
+        if per_subtype.min() >= MIN_CASES_PER_CLASS:
+            return True
+        self.print_to_log_file(f"{what} per subtype {per_subtype.tolist()}: fewer than {MIN_CASES_PER_CLASS} of some "
+                               "subtype, so no feature model; their lesion features are not computed")
+        return False
+
     def _predict_record(self, predictor: MultiTaskPredictor, key: str, data,
-                        with_features: bool = True) -> tuple[torch.Tensor, dict]:
+                        with_features: bool) -> tuple[torch.Tensor, dict]:
         """Predict one preprocessed case; return its logits and its subtype record (head logits per fold, the
         predicted lesion's features unless ``with_features`` is False) for fitting the subtype classifier."""
         logits, _ = predictor.predict_with_current_weights(torch.from_numpy(np.asarray(data)))
-        labels = labels_from_scores(logits.float()).numpy()
-        described = describe_case(predictor.last_fold_logits, np.asarray(data), labels,
+        described = describe_case(predictor.last_fold_logits, np.asarray(data), predictor.crop_labels(logits),
                                   self.configuration_manager.spacing, self.plans_manager, self.configuration_manager,
                                   classifier=None, with_features=with_features)
         record = {"case": key, "subtype": self.case_subtypes[key], "fold_logits": described.fold_logits.tolist(),
@@ -123,14 +132,7 @@ class CaseValidationMixin:
         """The fold's own training cases as its final weights predict them (fast mode): what the feature classifier
         is fitted on when no out-of-fold predictions exist."""
         train_keys, _ = self.do_split()
-        # A subtype with fewer training cases than the feature model needs gets no feature model whatever the masks
-        # look like: the head's logits are recorded then, and the radiomics (most of the time per case) skipped.
-        per_subtype = np.bincount([self.case_subtypes[k] for k in train_keys], minlength=len(self.subtype_names))
-        with_features = bool(per_subtype.min() >= MIN_CASES_PER_CLASS)
-        if not with_features:
-            self.print_to_log_file(f"training cases per subtype {per_subtype.tolist()}: fewer than "
-                                   f"{MIN_CASES_PER_CLASS} of some subtype, so no feature model; their lesion "
-                                   "features are not computed")
+        with_features = self._features_can_be_fitted(train_keys, "training cases")
         dataset = self._validation_dataset(train_keys)
         predictor = self._predictor(fast=True)
         records = []
@@ -186,10 +188,8 @@ class CaseValidationMixin:
         remove_stale(out)  # temporaries of a killed earlier validation
         train_keys, val_keys = self.do_split()
         # Validation records feed the feature model's calibration and, over cross-validation folds, its out-of-fold
-        # fit: both need MIN_CASES_PER_CLASS labelled cases of every subtype in the pool the folds share.
-        pool = np.bincount([self.case_subtypes[k] for k in (*train_keys, *val_keys)],
-                           minlength=len(self.subtype_names))
-        with_features = bool(pool.min() >= MIN_CASES_PER_CLASS)
+        # fit: both need enough labelled cases of every subtype in the pool the folds share.
+        with_features = self._features_can_be_fitted([*train_keys, *val_keys], "labelled cases")
         dataset = self._validation_dataset(val_keys)
         records, evidence = [], {}
         with torch.no_grad():
