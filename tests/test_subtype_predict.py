@@ -32,19 +32,22 @@ class _BrightIsLesion(torch.nn.Module):
 
 
 def test_training_stored_records_and_a_classifier(tiny_model):
-    """Every validation case and every training case has a record of the head's logits; the classifier was fitted
-    from them (the tiny model finds no lesion, so it falls back to the calibrated head) and rests on those cases."""
+    """Every validation case has a record of the head's logits and every training case a record; the classifier was
+    fitted from them (too few cases for a feature model, so the calibrated head) and rests on those cases."""
     records = json.loads((tiny_model / "fold_0" / "subtype_records.json").read_text())
     splits = json.loads((tiny_model.parents[2] / "nnUNet_preprocessed" / tiny_model.parent.name
                          / "splits_final.json").read_text())[0]
     assert sorted(r["case"] for r in records["validation"]) == sorted(splits["val"])
     assert sorted(r["case"] for r in records["train"]) == sorted(splits["train"])
     # 2 / 2 / 3 training cases per subtype (3 / 3 / 4 with the validation fold): fewer than a feature model needs,
-    # so no radiomics were computed for either split
-    for record in records["train"] + records["validation"]:
+    # so no radiomics were computed for either split, and the training cases were not predicted at all
+    for record in records["validation"]:
         assert record["features"] is None and len(record["fold_logits"][0]) == 3
+    for record in records["train"]:
+        assert record["features"] is None and record["fold_logits"] is None
+        assert record["subtype"] == int(record["case"].split("_")[1])  # the published names carry the subtype
     logs = "".join(p.read_text() for p in (tiny_model / "fold_0").glob("training_log*"))
-    assert "fewer than 5 of some subtype" in logs
+    assert "fewer than 5 of some subtype" in logs and "training cases not predicted" in logs
     assert all(len(r["fold_logits"]) == 1 and len(r["fold_logits"][0]) == 3 for r in records["validation"])
     classifier = load_classifier(tiny_model)
     assert classifier is not None and classifier.provenance["heldout_cases"] == len(splits["val"])

@@ -130,15 +130,21 @@ class CaseValidationMixin:
     @torch.no_grad()
     def training_case_records(self) -> list[dict]:
         """The fold's own training cases as its final weights predict them (fast mode): what the feature classifier
-        is fitted on when no out-of-fold predictions exist."""
+        is fitted on when no out-of-fold predictions exist.
+
+        Only the lesion features of these records are used (the head is calibrated on held-out cases), so when too
+        few training cases of some subtype exist for a feature model, the cases are listed but not predicted."""
         train_keys, _ = self.do_split()
-        with_features = self._features_can_be_fitted(train_keys, "training cases")
+        if not self._features_can_be_fitted(train_keys, "training cases"):
+            self.print_to_log_file("training cases not predicted: nothing could be fitted from their records")
+            return [{"case": key, "subtype": self.case_subtypes[key], "fold_logits": None, "features": None,
+                     "lesion_ml": None} for key in train_keys]
         dataset = self._validation_dataset(train_keys)
         predictor = self._predictor(fast=True)
         records = []
         for key in dataset.identifiers:
             data, _, _, _ = dataset.load_case(key)
-            records.append(self._predict_record(predictor, key, data, with_features)[1])
+            records.append(self._predict_record(predictor, key, data, with_features=True)[1])
         return records
 
     def _export_validation_case(self, logits: torch.Tensor, properties: dict, out: Path, key: str,
