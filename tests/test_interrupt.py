@@ -153,15 +153,15 @@ def test_ctrl_c_during_predict_says_finished_cases_are_kept(tiny_dataset, tiny_m
 
     images = tmp_path / "images"
     crop_phantom_test_images(tiny_dataset, images)
-    original, calls = predict_module.predict_case, []
+    original, calls = predict_module.infer_case, []
 
     def interrupted(*args, **kwargs):
-        calls.append(args[3])
+        calls.append(args[1].case)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict_case", interrupted)
+    monkeypatch.setattr(predict_module, "infer_case", interrupted)
     code = main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), "-m", str(tiny_model), "--fast",
                  "--device", "cpu"])
     assert code == 130

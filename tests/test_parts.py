@@ -51,18 +51,18 @@ def test_parts_predict_resume_and_gather_into_the_single_run_result(tiny_model, 
     # part 0 (cases 0 and 2) is interrupted after its first case
     import nnunet_mtl.inference.predict as predict_module
 
-    original = predict_module.predict_case
+    original = predict_module.infer_case
     calls = []
 
     def killed_on_second(*args, **kwargs):
-        calls.append(args[3])
+        calls.append(args[1].case)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict_case", killed_on_second)
+    monkeypatch.setattr(predict_module, "infer_case", killed_on_second)
     assert predict_part(tiny_model, images, parted, 0) == 130
-    monkeypatch.setattr(predict_module, "predict_case", original)
+    monkeypatch.setattr(predict_module, "infer_case", original)
     manifest = json.loads((parted / "parts/part_0_of_2/manifest.json").read_text())
     assert manifest["part_cases"] == cases[0::2] and manifest["finished"] == [cases[0]]
     assert manifest["all_cases"] == cases and not manifest["complete"]

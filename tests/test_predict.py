@@ -195,21 +195,21 @@ def test_interrupted_prediction_resumes_without_redoing_finished_cases(tiny_mode
 
     images = tiny_test_crops
     out = tmp_path / "out"
-    original = predict_module.predict_case
+    original = predict_module.infer_case
     calls = []
 
     def killed_on_second(*args, **kwargs):
-        calls.append(args[3])  # the case id
+        calls.append(args[1].case)  # the case id of the prepared case
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict_case", killed_on_second)
+    monkeypatch.setattr(predict_module, "infer_case", killed_on_second)
     with pytest.raises(KeyboardInterrupt):
         predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
     finished = [p.name for p in out.glob("*.nii.gz")]
     assert len(finished) == 1 and not list(out.glob(".*"))  # nothing half-written
-    monkeypatch.setattr(predict_module, "predict_case", original)
+    monkeypatch.setattr(predict_module, "infer_case", original)
     report = predict_folder(tiny_model, images, out, device=CPU, mode=PredictionMode.fast(), progress=False)
     assert report.skipped == [calls[0]] and len(report.predicted) == 2
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 1 + 3

@@ -1,8 +1,10 @@
 """Predict a folder of CT images: one mask per case in the input geometry, a subtype with probabilities per case.
 
 The loop is per case and in-process: on a small machine nnU-Net's spawn pools cost seconds that a crop-sized case
-does not need, and a per-case loop makes resuming and isolating bad files simple. Preprocessing, the sliding
-window and resampling back to the original geometry are nnU-Net's own functions.
+does not need, and a per-case loop makes resuming and isolating bad files simple. It is a three-stage pipeline on
+threads (as nnU-Net's own predictor overlaps preprocessing and export with the network, without its processes): the
+next case is read and preprocessed, and the previous one exported and written, while the network runs on this one.
+Preprocessing, the sliding window and resampling back to the original geometry are nnU-Net's own functions.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,13 +222,18 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
     return predictor
 
 
-def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str,
-                 keep_largest: bool = False, filters: LesionFilters = NO_FILTERS,
-                 ) -> tuple[CaseSubtype | None, list[Candidate]]:
-    """Preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the subtype (None when the
-    predictor runs segmentation only) and the scored lesion components of the written mask."""
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed by nnU-Net, ready for the network."""
+
+    case: str
+    data: np.ndarray
+    properties: dict
+
+
+def prepare_case(predictor: MultiTaskPredictor, image_file: Path, case: str) -> PreparedCase:
+    """Read the verified image and preprocess it with the plans' preprocessor (no shared state: runs on a thread)."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     preprocessor = cm.preprocessor_class(verbose=False)
@@ -236,25 +244,67 @@ def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Pa
     else:  # another reader in the plans: nnU-Net reads the (verified) file itself
         del volume
         data, _, properties = preprocessor.run_case([str(image_file)], None, pm, cm, predictor.dataset_json)
-    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+    return PreparedCase(case, data, properties)
+
+
+@dataclass
+class InferredCase:
+    """The network's output for a case: logits on the preprocessed grid, the head's logits per fold (None when the
+    head is off) and the crop's label map."""
+
+    logits: torch.Tensor
+    fold_logits: np.ndarray | None
+    labels: np.ndarray
+
+
+def infer_case(predictor: MultiTaskPredictor, prepared: PreparedCase) -> InferredCase:
+    """The network over the preprocessed case (the predictor's state is used here only: the calling thread)."""
+    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(prepared.data))
+    fold_logits = None if predictor.last_fold_logits is None else np.array(predictor.last_fold_logits)
+    return InferredCase(logits, fold_logits, predictor.crop_labels(logits))
+
+
+def finish_case(predictor: MultiTaskPredictor, prepared: PreparedCase, inferred: InferredCase, output_dir: Path,
+                keep_largest: bool = False, filters: LesionFilters = NO_FILTERS, torch_threads: int | None = None,
+                ) -> tuple[CaseSubtype | None, list[Candidate]]:
+    """The subtype from the head and the lesion, then back to the input's geometry, postprocess and write
+    ``<case>.nii.gz`` atomically; return the subtype (None when the head is off) and the scored lesion components
+    of the written mask. Reads only the predictor's plans and classifier, so it runs on a thread while the network
+    predicts the next case. ``torch_threads``: what nnU-Net's export sets torch to for its duration (the caller's
+    own count, so that an export on a thread leaves the network's threads as they are)."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
     subtype = None
-    if predictor.last_fold_logits is not None:
-        subtype = describe_case(predictor.last_fold_logits, data, predictor.crop_labels(logits), cm.spacing, pm, cm,
+    if inferred.fold_logits is not None:
+        subtype = describe_case(inferred.fold_logits, prepared.data, inferred.labels, cm.spacing, pm, cm,
                                 predictor.subtype_classifier, predictor.classifier_variant)
     segmentation, class_probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, pm, cm, predictor.label_manager, properties, return_probabilities=True)
+        inferred.logits, pm, cm, predictor.label_manager, prepared.properties, return_probabilities=True,
+        num_threads_torch=torch_threads or torch.get_num_threads())
     if keep_largest:
         segmentation = keep_largest_component(segmentation)
     # the lesion components of the final mask, scored (and filtered, as the model's validation chose)
-    segmentation, candidates = postprocess_lesions(segmentation, class_probabilities, properties["spacing"], filters)
-    final = output_dir / f"{case}{MASK_ENDING}"
+    segmentation, candidates = postprocess_lesions(segmentation, class_probabilities, prepared.properties["spacing"],
+                                                   filters)
+    final = output_dir / f"{prepared.case}{MASK_ENDING}"
     tmp = temp_path(final, MASK_ENDING)
     try:
-        pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp), properties)
+        pm.image_reader_writer_class().write_seg(np.asarray(segmentation, dtype=np.uint8), str(tmp),
+                                                 prepared.properties)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return subtype, candidates
+
+
+def predict_case(predictor: MultiTaskPredictor, image_file: Path, output_dir: Path, case: str,
+                 keep_largest: bool = False, filters: LesionFilters = NO_FILTERS,
+                 ) -> tuple[CaseSubtype | None, list[Candidate]]:
+    """One case, stage after stage: preprocess, predict, postprocess, write ``<case>.nii.gz`` atomically; return the
+    subtype (None when the predictor runs segmentation only) and the scored lesion components of the written mask."""
+    prepared = prepare_case(predictor, image_file, case)
+    return finish_case(predictor, prepared, infer_case(predictor, prepared), output_dir, keep_largest, filters)
 
 
 def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: list[str] | None = None,
@@ -268,8 +318,6 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
     folder created here and left empty (every case failed) is removed. A part keeps its tables and manifest in its
     own folder (:mod:`~nnunet_mtl.inference.parts`); ``submission`` gathers the parts.
     """
-    from tqdm import tqdm
-
     all_cases = check_folders(input_dir, output_dir)
     cases = part.select(all_cases) if part else all_cases
     engines.check_engine(mode.engine, mode.precision, device)  # refused by name before anything is written
@@ -308,9 +356,8 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
                 write_manifest(output_dir, part, list(all_cases), report.skipped + report.predicted, report.failed,
                                settings)
 
-        bar = tqdm(cases.items(), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
-        for case, image_file in bar:
-            bar.set_postfix_str(case)
+        todo = {}
+        for case, image_file in cases.items():
             mask_file = output_dir / f"{case}{MASK_ENDING}"
             if recorded and case in probabilities and case in details and mask_file.is_file():
                 problem = finished_mask_problem(mask_file, image_file, n_labels)
@@ -320,27 +367,100 @@ def predict_folder(model_dir: Path, input_dir: Path, output_dir: Path, folds: li
                 report.notes.append(f"{problem}; predicting {case} again")
                 probabilities.pop(case)
                 details.pop(case, None)
-            start = time.perf_counter()
-            try:
-                subtype, candidates[case] = predict_case(predictor, image_file, output_dir, case, keep_largest,
-                                                         filters)
-            except Exception as e:  # one bad case must not stop the others; all failures are listed at the end
-                report.failed[case] = f"{image_file.name}: {e}" if image_file.name not in str(e) else str(e)
-                mask_file.unlink(missing_ok=True)  # the outputs list exactly the finished cases
-                probabilities.pop(case, None)
-                details.pop(case, None)
-                candidates.pop(case, None)
-                write_tables()
-                continue
-            report.seconds_per_case[case] = time.perf_counter() - start
+            todo[case] = image_file
+
+        def finished(case: str, subtype: CaseSubtype | None, case_candidates: list[Candidate]) -> None:
+            candidates[case] = case_candidates
             report.predicted.append(case)
             if subtype is not None:
                 probabilities[case] = subtype.probabilities
                 details[case] = case_details(subtype)
             write_tables()
+
+        def failed(case: str, error: Exception) -> None:
+            """One bad case must not stop the others; all failures are listed at the end."""
+            name = todo[case].name
+            report.failed[case] = f"{name}: {error}" if name not in str(error) else str(error)
+            (output_dir / f"{case}{MASK_ENDING}").unlink(missing_ok=True)  # the outputs list exactly the finished
+            probabilities.pop(case, None)
+            details.pop(case, None)
+            candidates.pop(case, None)
+            write_tables()
+
+        run_pipeline(predictor, todo, output_dir, keep_largest, filters, finished, failed, report.seconds_per_case,
+                     progress)
         if part:
             write_tables()  # the manifest, also of a part whose cases were all finished earlier
     finally:
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()
     return report
+
+
+def run_pipeline(predictor: MultiTaskPredictor, todo: dict[str, Path], output_dir: Path, keep_largest: bool,
+                 filters: LesionFilters, finished, failed, seconds: dict[str, float], progress: bool = True) -> None:
+    """Predict the cases of ``todo`` (case -> image) in order, three stages deep: the next case is read and
+    preprocessed on one thread, and the previous one given its subtype, exported and written on another, while the
+    network runs on this one in the calling thread. ``finished(case, subtype, candidates)`` and ``failed(case,
+    error)`` are called in the calling thread, in case order; ``seconds[case]``: wall time since the case before it
+    finished (their sum is the loop's wall time).
+
+    On an interrupt the export in flight is finished and reported first (its mask is complete), then the stages stop.
+    """
+    from tqdm import tqdm
+
+    queue = list(todo)
+    threads = torch.get_num_threads()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="nnunet-mtl-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="nnunet-mtl-write")
+    reads: dict[str, Future] = {}
+    in_flight: tuple[str, Future] | None = None
+    bar = tqdm(total=len(queue), desc="predicting", unit="case", disable=not progress, dynamic_ncols=True)
+    clock = time.perf_counter()
+
+    def read(index: int) -> None:
+        if index < len(queue):
+            case = queue[index]
+            reads[case] = reader.submit(prepare_case, predictor, todo[case], case)
+
+    def settle() -> None:
+        """Wait for the export in flight and report its case."""
+        nonlocal in_flight, clock
+        if in_flight is None:
+            return
+        (case, export), in_flight = in_flight, None
+        try:
+            subtype, case_candidates = export.result()
+        except Exception as e:
+            failed(case, e)
+        else:
+            now = time.perf_counter()
+            seconds[case], clock = now - clock, now
+            finished(case, subtype, case_candidates)
+        bar.update()
+
+    try:
+        read(0)
+        for index, case in enumerate(queue):
+            bar.set_postfix_str(case)
+            read(index + 1)
+            try:
+                prepared = reads.pop(case).result()
+                inferred = infer_case(predictor, prepared)
+            except Exception as e:
+                settle()
+                failed(case, e)
+                bar.update()
+                continue
+            settle()
+            in_flight = (case, writer.submit(finish_case, predictor, prepared, inferred, output_dir, keep_largest,
+                                             filters, threads))
+            del prepared, inferred
+        settle()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        try:
+            settle()  # interrupted: the case being written is finished and recorded before stopping
+        finally:
+            writer.shutdown(wait=True)
+            bar.close()
