@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="phantom training cases per subtype (default: the small preset's 15,25,20)")
     parser.add_argument("--val-per-subtype", type=_counts, default=None, metavar="A,B,C")
     parser.add_argument("--test-cases", type=int, default=None)
+    parser.add_argument("--engine", choices=["torch", "openvino", "onnxruntime", "auto"], default="auto",
+                        help="what runs the network for the test predictions, as in predict (default: auto)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="fp32 or bf16 (default: bf16 where the CPU computes it natively, else fp32)")
     parser.set_defaults(func=run, interrupted="finished stages are kept (training keeps its last finished "
                                                 "epoch): run it again to go on")
 
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = DemoConfig(workdir=args.workdir, seed=args.seed, train_per_subtype=args.train_per_subtype,
                         val_per_subtype=args.val_per_subtype, n_test=args.test_cases, device=args.device,
-                        fresh=args.fresh)
+                        engine=args.engine, precision=args.precision, fresh=args.fresh)
     if args.epochs is not None:
         config.epochs = args.epochs
     if args.iterations is not None:
