@@ -34,3 +34,38 @@ def test_plan_command_writes_nnunet_and_multitask_plans(tiny_dataset):
     assert splits == json.loads((tiny_dataset["raw"] / "splits_final.json").read_text())
     assert len(splits[0]["val"]) == sum(TINY_VAL_PER_SUBTYPE)
     assert len(list((tiny_dataset["raw"] / "imagesTs").iterdir())) == TINY_TEST_CASES
+
+
+def test_nnunets_integrity_check_runs_only_when_asked(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """`import` checked and wrote every file, so `plan` skips nnU-Net's second reading of them unless
+    --check-dataset asks for it; a raw dataset that `import` did not write is refused before any work."""
+    import shutil
+
+    import nnunetv2.experiment_planning.plan_and_preprocess_api as nnunet_api
+
+    from nnunet_mtl.cli import main
+
+    asked = []
+
+    def fingerprint_stops_here(dataset_ids, num_processes, check_dataset_integrity, clean):
+        asked.append(check_dataset_integrity)
+        raise RuntimeError("stopped after the fingerprint call")
+
+    monkeypatch.setattr(nnunet_api, "extract_fingerprints", fingerprint_stops_here)
+    work = tmp_path / "work"
+    raw = work / "nnUNet_raw" / tiny_dataset["raw"].name
+    shutil.copytree(tiny_dataset["raw"], raw)
+    dataset_id = raw.name.split("_")[0].removeprefix("Dataset")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(work / var))
+    for extra in ([], ["--check-dataset"]):
+        assert main(["plan", dataset_id, "--workdir", str(work), *extra]) == 2
+    assert asked == [False, True]
+    assert "stopped after the fingerprint call" in capsys.readouterr().err
+
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    del dataset_json["subtype_names"]
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    assert main(["plan", dataset_id, "--workdir", str(work)]) == 2
+    assert "import the dataset with `nnunet-mtl import` first" in capsys.readouterr().err
+    assert asked == [False, True]  # refused before nnU-Net was called

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "stages + MLP)")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
     parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
+    parser.add_argument("--check-dataset", action="store_true",
+                        help="run nnU-Net's own integrity check too (reads every file again; `import` has checked "
+                             "them: for raw files edited since)")
     add_workdir_argument(parser)
     parser.set_defaults(func=run, interrupted="planning and preprocessing start over when run again")
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         written = plan_and_preprocess(args.dataset, args.planner, args.preset, args.head, args.processes,
-                                      args.force)
+                                      args.force, args.check_dataset)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise CliError(str(e)) from None
     for name, path in written.items():

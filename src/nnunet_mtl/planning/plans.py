@@ -118,10 +118,13 @@ def _write_json_atomic(path: Path, content: dict) -> None:
 
 def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: str | None = None,
                         head: str = DEFAULT_HEAD, num_processes: int | None = None,
-                        force: bool = False) -> dict[str, Path]:
+                        force: bool = False, check_dataset: bool = False) -> dict[str, Path]:
     """Fingerprint, plan and preprocess with nnU-Net, then write the derived multi-task plans.
 
     nnU-Net's planner itself copies the importer's splits_final.json (fold 0 = the published split) from raw.
+    The dataset must come from ``nnunet-mtl import``, which checked every file and wrote the masks itself on their
+    images' grids; nnU-Net's own integrity check (every file read again, in a process pool) runs only with
+    ``check_dataset`` (files edited by hand since the import).
 
     Returns the paths of the plans files written, by plans identifier.
     """
@@ -141,10 +144,13 @@ def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: st
     raw_folder = work.raw / name
     preprocessed_folder = work.preprocessed / name
     n_proc = num_processes or int(os.environ.get("nnUNet_def_n_proc", "2"))
+    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
+    subtypes = subtype_names_from_dataset_json(dataset_json)  # refused here, before any work, if not imported
 
     fingerprint = preprocessed_folder / "dataset_fingerprint.json"
     if force or not fingerprint.is_file():
-        extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=True, clean=True)
+        extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=check_dataset,
+                             clean=True)
     plan_experiments([dataset_id], choice.planner_class)
     base_plans_file = preprocessed_folder / f"{choice.plans_name}.json"
     base_plans = json.loads(base_plans_file.read_text())
@@ -152,8 +158,6 @@ def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: st
     if force or not data_folder.is_dir() or not any(data_folder.iterdir()):
         preprocess_dataset(dataset_id, choice.plans_name, [CONFIGURATION], [n_proc])
 
-    dataset_json = json.loads((raw_folder / "dataset.json").read_text())
-    subtypes = subtype_names_from_dataset_json(dataset_json)
     written = {}
     for this_preset in [None] + ([preset] if preset else []):
         plans = derive_multitask_plans(base_plans, subtypes, head=head, preset=this_preset)
