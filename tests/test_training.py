@@ -312,7 +312,7 @@ def test_best_checkpoint_follows_the_ema_of_the_combined_score(tiny_env, tmp_pat
     EMA of the combined score (0.8 x previous + 0.2 x new) peaks in epoch 3, which must be checkpoint_best."""
     trainer = make_trainer(epochs=5, case_validation_every=1)
     trainer.output_folder, trainer.log_file = str(tmp_path), str(tmp_path / "log.txt")
-    monkeypatch.setattr(trainer.logger, "plot_progress_png", lambda folder: None)
+    monkeypatch.setattr(trainer, "plot_progress", lambda curves: None)
     monkeypatch.setattr(trainer, "write_training_curves", lambda: None)
     # (whole-pancreas Dice, lesion Dice, macro-F1) per epoch; combined = 0.5 x (p + l) / 2 + 0.5 x F1, by hand
     case_level = iter([(0.6, 0.2, 0.3), (1.0, 0.8, 0.9), (0.8, 0.4, 0.6), (0.8, 0.4, 0.6), (0.4, 0.0, 0.2)])
@@ -338,6 +338,35 @@ def test_best_checkpoint_follows_the_ema_of_the_combined_score(tiny_env, tmp_pat
     best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=True)
     assert best["current_epoch"] == 4  # written at the end of epoch 3 (counted from 0)
     assert best["_best_combined"] == pytest.approx(0.5104) and trainer._best_combined == pytest.approx(0.5104)
+
+
+def test_progress_figures_at_the_first_and_last_epoch_and_at_most_once_a_minute_between(tiny_env, tmp_path,
+                                                                                          monkeypatch):
+    """Five scripted epochs ending 25 s apart: figures at epoch 0, at epoch 3 (75 s after the last ones) and at
+    epoch 4 (the last); training_curves.json at every epoch."""
+    trainer = make_trainer(epochs=5, case_validation_every=1)
+    trainer.output_folder, trainer.log_file = str(tmp_path), str(tmp_path / "log.txt")
+    monkeypatch.setattr("nnunet_mtl.training.trainer.time", lambda: 25.0 * trainer.current_epoch)
+    drawn = []
+    monkeypatch.setattr(trainer.logger, "plot_progress_png", lambda folder: drawn.append(trainer.current_epoch))
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path: None)
+    monkeypatch.setattr(trainer, "case_level_validation", lambda: {
+        "val_case_pancreas_dice": 0.5, "val_case_lesion_dice": 0.5, "val_cls_macro_f1": 0.5, "val_cls_accuracy": 0.5})
+    written = []
+    for _ in range(5):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        trainer.on_train_epoch_end([{"loss": np.array(1.0), "seg_loss": np.array(0.7), "cls_loss": np.array(1.0)}])
+        trainer.on_validation_epoch_start()
+        hard = {"tp_hard": np.full(2, 25.0), "fp_hard": np.full(2, 25.0), "fn_hard": np.full(2, 25.0)}
+        trainer.on_validation_epoch_end([{"loss": np.array(0.9), "seg_loss": np.array(0.6),
+                                          "cls_loss": np.array(1.0), **hard}])
+        trainer.on_epoch_end()
+        curves = json.loads((tmp_path / "training_curves.json").read_text())
+        written.append(len(curves["train_losses"]))
+    assert written == [1, 2, 3, 4, 5]
+    assert drawn == [0, 3, 4]
+    assert (tmp_path / "progress_classification.png").is_file()
 
 
 def test_initial_weights_from_a_segmentation_only_nnunet_checkpoint(tiny_env, tmp_path):

@@ -110,6 +110,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.save_every = 1
         self.classification_loss: nn.Module | None = None
         self._best_combined: float | None = None
+        self.plot_every_seconds = 60.0
+        self._last_plot: float | None = None  # when the progress figures were last drawn (not checkpointed)
         for key in EXTRA_LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging[key] = []
 
@@ -389,17 +391,33 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             self.print_to_log_file(f"New best combined score (EMA): {ema:.4f}")
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
-            self.logger.plot_progress_png(self.output_folder)
-            self.write_training_curves()
+            curves = self.write_training_curves()
+            if self.progress_plot_due(time()):
+                self.plot_progress(curves)
         self.current_epoch += 1
 
-    def write_training_curves(self) -> None:
-        """Every logged value per epoch as JSON (the report reads it) and a classification progress PNG."""
-        from nnunet_mtl.training.curves import not_measured_as_null, plot_classification_progress
+    def progress_plot_due(self, now: float) -> bool:
+        """The progress figures at the first and the last epoch, and between them at most every
+        ``plot_every_seconds``: nnU-Net's progress.png (a 3000 x 5400 pixel figure) and ours took 1.5-2 s per epoch
+        here, a tenth of a demo epoch; the numbers themselves are in training_curves.json every epoch."""
+        return (self._last_plot is None or self.current_epoch == self.num_epochs - 1
+                or now - self._last_plot >= self.plot_every_seconds)
+
+    def plot_progress(self, curves: dict) -> None:
+        """nnU-Net's progress.png and the classification progress PNG."""
+        from nnunet_mtl.training.curves import plot_classification_progress
+
+        self.logger.plot_progress_png(self.output_folder)
+        plot_classification_progress(curves, Path(self.output_folder) / "progress_classification.png")
+        self._last_plot = time()
+
+    def write_training_curves(self) -> dict:
+        """Every logged value per epoch as JSON (the report reads it); returns it."""
+        from nnunet_mtl.training.curves import not_measured_as_null
 
         curves = not_measured_as_null(to_plain(self.logger.get_checkpoint()))
         (Path(self.output_folder) / "training_curves.json").write_text(json.dumps(curves))
-        plot_classification_progress(curves, Path(self.output_folder) / "progress_classification.png")
+        return curves
 
     def run_training(self) -> None:
         """nnU-Net's epoch loop with a progress bar over each epoch's iterations."""
