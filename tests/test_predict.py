@@ -106,7 +106,8 @@ def test_one_network_pass_per_tile_serves_both_heads(tiny_model, tiny_dataset, t
                                                                           aggregation="lesion_weighted"))
     encoder_calls = []
     handle = predictor.network.encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
-    case = crop_phantom_test_images(tiny_dataset, tmp_path)[0]  # a few tiles: the count is what matters
+    # 2 x 2 x 2 tiles: more than one per axis, and the count is what matters
+    case = crop_phantom_test_images(tiny_dataset, tmp_path, size_xyz=(40, 40, 16))[0]
     image = tmp_path / f"{case}_0000.nii.gz"
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     data, _, _ = cm.preprocessor_class(verbose=False).run_case([str(image)], None, pm, cm, predictor.dataset_json)
@@ -274,22 +275,22 @@ def test_bad_folders_are_refused_before_any_work(problem, tiny_model, tmp_path, 
     assert not (tmp_path / "out").exists() or problem == "inside"
 
 
-def test_stock_nnunet_predictor_uses_our_model_folder(tiny_model, tiny_dataset, tmp_path):
+def test_stock_nnunet_predictor_uses_our_model_folder(tiny_model, tiny_test_crops, tmp_path):
     """Our results folder stays an nnU-Net results folder: nnU-Net's own predictor (found via nnUNet_extTrainer)
-    writes segmentation masks from it."""
+    writes segmentation masks from it. Its sequential entry point: the same model loading, network building and
+    prediction as `nnUNetv2_predict`, without the worker pools that cost seconds to spawn here."""
     from nnunet_mtl.cli.train import ext_trainer_path
 
     out = tmp_path / "stock"
-    images = tmp_path / "images"
-    crop_phantom_test_images(tiny_dataset, images)  # around the gland: whole images tile for a minute
+    out.mkdir()  # the sequential entry point writes its arguments there before it creates the folder
+    images = tiny_test_crops  # around the gland: whole images tile for a minute
     env = {**os.environ, "nnUNet_extTrainer": ext_trainer_path()}
     code = ("from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
             "import torch, sys\n"
             "p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device('cpu'),"
             " allow_tqdm=False)\n"
             "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
-            "p.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,"
-            " num_processes_segmentation_export=1)\n")
+            "p.predict_from_files_sequential(sys.argv[2], sys.argv[3])\n")
     subprocess.run([sys.executable, "-c", code, str(tiny_model), str(images), str(out)],
                    check=True, env=env, capture_output=True)
     assert len(list(images.glob("*_0000.nii.gz"))) == 3
