@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mirror", type=_bool, dest="mirror_augmentation", metavar="yes|no",
                         help="mirroring augmentation (default yes, as nnU-Net; no also turns off test-time "
                              "mirroring, since CT comes in one orientation)")
+    parser.add_argument("--intensity-aug", choices=["nnunet", "scanner"], dest="intensity_augmentation",
+                        help="intensity augmentation: nnunet (nnU-Net's, default) or scanner (adds contrast-timing, "
+                             "HU-calibration and kernel-noise shifts, for data from other scanners)")
     parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
                         help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")
     parser.add_argument("--lesion-loss-weight", type=float, metavar="W",
@@ -125,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
         attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
-        mirror_augmentation=args.mirror_augmentation, max_rotation_degrees=args.max_rotation_degrees,
+        mirror_augmentation=args.mirror_augmentation, intensity_augmentation=args.intensity_augmentation,
+        max_rotation_degrees=args.max_rotation_degrees,
         feature_model_kind=args.feature_model_kind, lesion_loss_weight=args.lesion_loss_weight)
     try:
         result = train_folds(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,

@@ -38,6 +38,7 @@ class TrainSettings:
     cpu_bf16: bool | None = None
     optimizer: str | None = None
     mirror_augmentation: bool | None = None
+    intensity_augmentation: str | None = None
     max_rotation_degrees: float | None = None
     feature_model_kind: str | None = None
     head_lr_scale: float | None = None

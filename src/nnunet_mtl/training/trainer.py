@@ -18,7 +18,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``initialize``: adds the subtype loss (class weights, label smoothing) and freezing of parts.
 - ``_build_loss``: nnU-Net's Dice + CE with deep supervision; optionally lesion voxels weigh
   ``lesion_loss_weight`` times more in the CE (issue 17: small lesions are a few dozen of a patch's voxels).
-- ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches.
+- ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches,
+  and optionally scanner-shift intensity augmentation after nnU-Net's spatial transform (training/augmentation.py).
 - ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype);
   options: the subtype loss over patches that show lesion only, and the attention head attending to the true
   lesion while training. Opt-in (``cpu_bf16``): bfloat16 autocast on CPU, where nnU-Net uses none; 1.6x faster per
@@ -56,6 +57,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
+from nnunet_mtl.training.augmentation import with_intensity_augmentation
 from nnunet_mtl.training.checkpoints import CheckpointMixin, read_checkpoint, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
 from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR, OPTIMIZERS, build_optimizer
@@ -98,6 +100,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.cpu_bf16 = False
         self.optimizer_name = "sgd"  # or "adamw"
         self.mirror_augmentation = True
+        self.intensity_augmentation = "nnunet"  # or "scanner": see training/augmentation.py
         self.max_rotation_degrees: float | None = None  # None: nnU-Net's range (30 degrees here, 180 in 2D)
         self.lesion_loss_weight = 1.0
         self.skipped_steps = 0
@@ -158,7 +161,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                f"optimizer {self.optimizer_name} at {self.initial_lr}, mirroring "
                                f"{self.mirror_augmentation}, rotation limit {rotation}, "
                                f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}, lesion CE weight "
-                               f"{self.lesion_loss_weight}")
+                               f"{self.lesion_loss_weight}, intensity augmentation {self.intensity_augmentation}")
 
     def _build_loss(self):
         """nnU-Net's loss; with ``lesion_loss_weight`` != 1 its cross-entropy weighs lesion voxels that much more."""
@@ -231,6 +234,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=labels, regions=None, ignore_label=None)
+        tr_transforms = with_intensity_augmentation(tr_transforms, self.intensity_augmentation)
         val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
                                                         foreground_labels=labels, regions=None, ignore_label=None)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()

@@ -1,0 +1,85 @@
+"""Scanner-shift intensity augmentation: where it sits in nnU-Net's transforms, what it draws, and that `train`
+passes it to the trainer's loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from batchgeneratorsv2.transforms.intensity.brightness import BrightnessAdditiveTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from tiny import TINY_DATASET_ID, TINY_PLANS
+
+from nnunet_mtl.cli import build_parser
+from nnunet_mtl.training import augmentation
+from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer
+
+
+def nnunet_transforms() -> ComposeTransforms:
+    """nnU-Net 2.8.1's own training transforms for a small 3D patch (no deep supervision, no mirroring)."""
+    return nnUNetTrainer.get_training_transforms((16, 32, 32), (-0.5, 0.5), None, None, False)
+
+
+def unwrapped(steps) -> list[type]:
+    return [type(getattr(t, "transform", t)) for t in steps]
+
+
+def test_nnunet_setting_leaves_the_transforms_alone_and_unknown_kinds_are_refused():
+    transforms = nnunet_transforms()
+    assert augmentation.with_intensity_augmentation(transforms, "nnunet") is transforms
+    with pytest.raises(ValueError, match="'strong'"):
+        augmentation.with_intensity_augmentation(transforms, "strong")
+
+
+def test_scanner_shift_sits_after_the_spatial_transform_and_before_nnunets_intensity_transforms():
+    original = nnunet_transforms()
+    steps = augmentation.with_intensity_augmentation(original, "scanner").transforms
+    kinds = unwrapped(steps)
+    spatial = kinds.index(SpatialTransform)
+    added = unwrapped(augmentation.scanner_shift_transforms())
+    assert kinds[spatial + 1: spatial + 1 + len(added)] == added
+    assert BrightnessAdditiveTransform in added  # the HU offset: nnU-Net draws none
+    # nnU-Net's own steps are all still there, in their order, after the added ones
+    rest = kinds[:spatial + 1] + kinds[spatial + 1 + len(added):]
+    assert rest == unwrapped(original.transforms)
+    assert kinds.index(GaussianNoiseTransform) == spatial + len(added)  # our noise step, then nnU-Net's at once
+
+
+def test_scanner_shift_draws_scale_offset_and_noise_at_their_probabilities():
+    """On a constant patch of ones, the patch mean after the shift is m x 1 + offset: untouched patches (no draw
+    applied) come at (1 - p_scale)(1 - p_offset)(1 - p_noise), and the drawn ranges stay inside their bounds."""
+    shift = ComposeTransforms(augmentation.scanner_shift_transforms())
+    means, sds = [], []
+    for _ in range(1500):
+        image = torch.ones(1, 6, 8, 8)
+        out = shift(image=image, segmentation=torch.zeros(1, 6, 8, 8, dtype=torch.int16))["image"]
+        means.append(float(out.mean()))
+        sds.append(float(out.std()))
+    means, sds = np.array(means), np.array(sds)
+    untouched = np.mean((np.abs(means - 1) < 1e-6) & (sds < 1e-6))
+    expected = ((1 - augmentation.ENHANCEMENT_PROBABILITY) * (1 - augmentation.CALIBRATION_PROBABILITY)
+                * (1 - augmentation.NOISE_PROBABILITY))
+    assert abs(untouched - expected) < 0.04, (untouched, expected)
+    noisy = np.mean(sds > 1e-3)  # noise (variance drawn from (0, 0.2)) is the only step that makes voxels differ
+    assert abs(noisy - augmentation.NOISE_PROBABILITY) < 0.04, noisy
+    # with no offset drawn a quiet patch's mean is the scale: inside (0.7, 1.3); offsets (SD 0.3) spread it wider
+    assert means.min() > augmentation.ENHANCEMENT_SCALE[0] - 5 * augmentation.CALIBRATION_SD
+    assert np.std(means) > 0.2  # about sqrt(0.5 x 0.03 + 0.5 x 0.09) = 0.25 with both draws
+
+
+def test_train_option_reaches_the_trainers_loader(tiny_env):
+    parsed = build_parser().parse_args(["train", str(TINY_DATASET_ID), "--intensity-aug", "scanner"])
+    assert parsed.intensity_augmentation == "scanner"
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                   if a.dest == "intensity_augmentation")
+    assert tuple(choices) == augmentation.INTENSITY_AUGMENTATIONS
+    for kind, has_offset in (("nnunet", False), ("scanner", True)):
+        trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 0, "cpu")
+        apply_settings(trainer, TrainSettings(intensity_augmentation=kind))
+        trainer.initialize()
+        train_loader, _ = trainer.get_dataloaders()  # nnUNet_n_proc_DA=0: single-threaded, transforms reachable
+        kinds = unwrapped(train_loader.data_loader.transforms.transforms)
+        assert (BrightnessAdditiveTransform in kinds) is has_offset, kind
