@@ -291,6 +291,7 @@ ABLATIONS: dict[str, dict] = {
     "predicted_attention": {"attend_to_true_lesion": False},  # the head attends to the decoder's lesion in training
     "head_full_lr": {"head_lr_scale": 1.0},  # the head at the body's learning rate
     "scanner_aug": {"intensity_augmentation": "scanner"},  # contrast-timing, HU-offset and noise augmentation
+    "rerun": {},  # the baseline recipe trained again: how far training noise alone moves the numbers
 }
 
 
