@@ -427,3 +427,15 @@ def test_validation_only_decides_the_postprocessing_again(tiny_model, tiny_env, 
     assert (tiny_model / "fold_0" / "checkpoint_final.pth").read_bytes() == checkpoint  # nothing trained
     with pytest.raises(FileNotFoundError, match="train the fold first"):
         train(TINY_DATASET_ID, TINY_PLANS, 1, "cpu", settings, validation_only=True)
+
+
+def test_case_level_validation_runs_every_tenth_epoch_by_default(tiny_env):
+    """The default cadence the real-scale rehearsal chose (under 10 % of a full-size GPU epoch), the first and the
+    last epoch always included."""
+    trainer = make_trainer(epochs=25)
+    due = []
+    for epoch in range(25):
+        trainer.current_epoch = epoch
+        if trainer.case_validation_due():
+            due.append(epoch)
+    assert due == [0, 10, 20, 24]
