@@ -18,6 +18,7 @@ from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 INTENSITY_AUGMENTATIONS = ("nnunet", "scanner")
@@ -60,6 +61,6 @@ def with_intensity_augmentation(transforms: ComposeTransforms, kind: str) -> Com
         raise ValueError("nnU-Net's training transforms hold no SpatialTransform: cannot place the scanner shift")
     # nnU-Net's 2D-in-3D augmentation wraps the spatial transform in a conversion pair: insert after the pair
     position = spatial + 1
-    if position < len(steps) and type(steps[position]).__name__ == "Convert2DTo3DTransform":
+    if position < len(steps) and isinstance(steps[position], Convert2DTo3DTransform):
         position += 1
     return ComposeTransforms(steps[:position] + scanner_shift_transforms() + steps[position:])
