@@ -257,6 +257,10 @@ def main() -> None:
                         help="offline feature-model refits to score too: lda | logistic, optionally ':prefix+prefix' "
                              "to keep feature groups, e.g. lda:lesion.stat_+contrast.")
     parser.add_argument("--ablation", default="", help="tag of a training ablation (see ABLATIONS)")
+    parser.add_argument("--training", type=int, default=1, metavar="N",
+                        help="the Nth training of the same recipe (default 1): N >= 2 trains and predicts again "
+                             "under its own tag, so an arm holds several trainings (training noise is as large as "
+                             "most levers)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
 
@@ -266,7 +270,7 @@ def main() -> None:
     sites = sorted(set(args.train_sites) | set(args.test_sites))
     phantoms = make_phantoms(args.workdir.resolve(), sites, args.n_test, args.seed)
     extra = ABLATIONS[args.ablation] if args.ablation else None
-    tag = f"_{args.ablation}" if args.ablation else ""
+    tag = (f"_{args.ablation}" if args.ablation else "") + (f"_t{args.training}" if args.training > 1 else "")
     table, cache = {}, {}
     for train in args.train_sites:
         model = train_site(args.workdir.resolve(), train, phantoms[train], args.epochs, args.iterations, tag, extra)
@@ -292,6 +296,7 @@ ABLATIONS: dict[str, dict] = {
     "head_full_lr": {"head_lr_scale": 1.0},  # the head at the body's learning rate
     "scanner_aug": {"intensity_augmentation": "scanner"},  # contrast-timing, HU-offset and noise augmentation
     "rerun": {},  # the baseline recipe trained again: how far training noise alone moves the numbers
+    "thick_slices": {"thick_slice_mm": 4.0},  # half the patches as if on slices up to 4 mm (site A: about 2 mm)
 }
 
 

@@ -1,5 +1,5 @@
-"""Scanner-shift intensity augmentation: where it sits in nnU-Net's transforms, what it draws, and that `train`
-passes it to the trainer's loader."""
+"""Scanner-shift and thick-slice augmentation: where they sit in nnU-Net's transforms, what they draw and do, and
+that `train` passes them to the trainer's loader."""
 
 from __future__ import annotations
 
@@ -70,6 +70,55 @@ def test_scanner_shift_draws_scale_offset_and_noise_at_their_probabilities():
     assert np.std(means) > 0.2  # about sqrt(0.5 x 0.03 + 0.5 x 0.09) = 0.25 with both draws
 
 
+def reference_thick_slices(volume: np.ndarray, slabs: int) -> np.ndarray:
+    """Independent computation: mean over equal slabs along z, then linear interpolation back at the voxel centres
+    (half-voxel convention, edges held), column by column with numpy."""
+    depth = volume.shape[0]
+    thick = volume.reshape(slabs, depth // slabs, *volume.shape[1:]).mean(axis=1)
+    centres = np.clip((np.arange(depth) + 0.5) * slabs / depth - 0.5, 0, slabs - 1)
+    flat = thick.reshape(slabs, -1)
+    back = np.stack([np.interp(centres, np.arange(slabs), flat[:, k]) for k in range(flat.shape[1])], axis=1)
+    return back.reshape(volume.shape)
+
+
+def test_thick_slices_average_along_z_only_as_an_independent_computation_does():
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(16, 6, 5)).astype(np.float32)
+    transform = augmentation.ThickSliceTransform(3.0)
+    out = transform._apply_to_image(torch.from_numpy(volume.copy())[None], factor=2.0)[0].numpy()
+    np.testing.assert_allclose(out, reference_thick_slices(volume, 8), atol=1e-5)
+    # a pattern constant along z is untouched (in-plane detail stays); a one-voxel-thin bright slice is spread out
+    in_plane = np.broadcast_to(rng.normal(size=(1, 6, 5)), (16, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(transform._apply_to_image(torch.from_numpy(in_plane.copy())[None], factor=2.0)[0],
+                               in_plane, atol=1e-5)
+    thin = np.zeros((16, 6, 5), np.float32)
+    thin[8] = 1.0
+    spread = transform._apply_to_image(torch.from_numpy(thin)[None], factor=2.0)[0].numpy()
+    assert spread[:, 0, 0].max() < 0.6 and (spread[:, 0, 0] > 0.05).sum() >= 3
+    with pytest.raises(ValueError, match="must exceed 1"):
+        augmentation.ThickSliceTransform(1.0)
+
+
+def test_thick_slices_sit_after_the_spatial_transform_in_half_the_patches_and_only_when_thicker():
+    original = nnunet_transforms()
+    assert augmentation.with_thick_slices(original, 0.0, 2.0) is original  # off
+    assert augmentation.with_thick_slices(original, 2.0, 2.0) is original  # not thicker than the grid
+    with pytest.raises(ValueError, match="-1"):
+        augmentation.with_thick_slices(original, -1.0, 2.0)
+    steps = augmentation.with_thick_slices(original, 5.0, 2.0).transforms
+    kinds = unwrapped(steps)
+    spatial = kinds.index(SpatialTransform)
+    assert kinds[spatial + 1] is augmentation.ThickSliceTransform
+    assert steps[spatial + 1].transform.max_factor == pytest.approx(2.5)
+    assert kinds[:spatial + 1] + kinds[spatial + 2:] == unwrapped(original.transforms)
+    thick = ComposeTransforms([steps[spatial + 1]])
+    z_profile = torch.linspace(0, 1, 12)[None, :, None, None].expand(1, 12, 4, 4).clone() ** 2
+    changed = np.mean([not torch.allclose(thick(image=z_profile.clone(), segmentation=torch.zeros(
+        1, 12, 4, 4, dtype=torch.int16))["image"], z_profile) for _ in range(600)])
+    # a factor drawn under 12/11.5 keeps all 12 slabs: a few untouched patches beside the 50 % not drawn
+    assert abs(changed - augmentation.THICK_SLICE_PROBABILITY) < 0.07, changed
+
+
 def test_train_option_reaches_the_trainers_loader(tiny_env):
     for kind in augmentation.INTENSITY_AUGMENTATIONS:  # the CLI offers every kind the trainer knows
         parsed = build_parser().parse_args(["train", str(TINY_DATASET_ID), "--intensity-aug", kind])
@@ -81,3 +130,11 @@ def test_train_option_reaches_the_trainers_loader(tiny_env):
         train_loader, _ = trainer.get_dataloaders()  # nnUNet_n_proc_DA=0: single-threaded, transforms reachable
         kinds = unwrapped(train_loader.data_loader.transforms.transforms)
         assert (BrightnessAdditiveTransform in kinds) is has_offset, kind
+    assert build_parser().parse_args(["train", str(TINY_DATASET_ID), "--thick-slices", "4"]).thick_slice_mm == 4.0
+    trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 0, "cpu")
+    apply_settings(trainer, TrainSettings(thick_slice_mm=3 * trainer.configuration_manager.spacing[0]))
+    trainer.initialize()
+    train_loader, _ = trainer.get_dataloaders()
+    thick = [getattr(t, "transform", t) for t in train_loader.data_loader.transforms.transforms
+             if isinstance(getattr(t, "transform", t), augmentation.ThickSliceTransform)]
+    assert len(thick) == 1 and thick[0].max_factor == pytest.approx(3.0)

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--intensity-aug", choices=["nnunet", "scanner"], dest="intensity_augmentation",
                         help="intensity augmentation: nnunet (nnU-Net's, default) or scanner (adds contrast-timing, "
                              "HU-calibration and kernel-noise shifts, for data from other scanners)")
+    parser.add_argument("--thick-slices", type=float, dest="thick_slice_mm", metavar="MM",
+                        help="thick-slice augmentation: half the training patches look as if reconstructed at up to "
+                             "MM mm along z (partial volume), for test scans with thicker slices than the training "
+                             "data (default 0: off)")
     parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
                         help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")
     parser.add_argument("--lesion-loss-weight", type=float, metavar="W",
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
         attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
         mirror_augmentation=args.mirror_augmentation, intensity_augmentation=args.intensity_augmentation,
+        thick_slice_mm=args.thick_slice_mm,
         max_rotation_degrees=args.max_rotation_degrees,
         feature_model_kind=args.feature_model_kind, lesion_loss_weight=args.lesion_loss_weight)
     try:

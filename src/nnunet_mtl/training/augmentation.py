@@ -6,10 +6,17 @@ timing scales every enhancement together, scanners disagree in HU calibration by
 reconstruction kernels add noise. The ``scanner`` setting draws these more often and further, on the z-scored image
 (nnU-Net's CT normalisation divides by the dataset's foreground SD, some 40-80 HU), so that what the network learns
 is the lesion's contrast with its surroundings more than the absolute HU one site happens to give it.
+
+Slice thickness is the other shift a second hospital brings: a 3 mm reconstruction averages a small lesion with the
+parenchyma above and below it (partial volume), so it looks smaller and less contrasted than on the 1.5-2 mm slices
+a model was trained on. ``--thick-slices MM`` (see :class:`ThickSliceTransform`) shows training patches as if
+reconstructed at up to MM mm along z.
 """
 
 from __future__ import annotations
 
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
 from batchgeneratorsv2.transforms.intensity.brightness import (
     BrightnessAdditiveTransform,
     MultiplicativeBrightnessTransform,
@@ -30,6 +37,7 @@ CALIBRATION_SD = 0.3  # HU offset between scanners: about 10-25 HU
 CALIBRATION_PROBABILITY = 0.5
 NOISE_VARIANCE = (0.0, 0.2)  # a sharp kernel's extra noise: SD up to 0.45
 NOISE_PROBABILITY = 0.3
+THICK_SLICE_PROBABILITY = 0.5
 
 
 def scanner_shift_transforms() -> list[RandomTransform]:
@@ -47,20 +55,66 @@ def scanner_shift_transforms() -> list[RandomTransform]:
     ]
 
 
+class ThickSliceTransform(ImageOnlyTransform):
+    """A thicker reconstructed slice along z (the patch's first axis): each channel is averaged over slabs of
+    ``factor`` voxels, drawn in [1, max_factor) per patch, as a scanner integrates over its slice profile, then
+    interpolated linearly back to the patch's grid. In-plane detail and the labels are left as they are: the truth
+    of a thick-slice scan is still the anatomy."""
+
+    def __init__(self, max_factor: float) -> None:
+        super().__init__()
+        if max_factor <= 1:
+            raise ValueError(f"thick-slice factor {max_factor}: must exceed 1 (1 is the training spacing itself)")
+        self.max_factor = max_factor
+
+    def get_parameters(self, **data_dict) -> dict:
+        return {"factor": 1 + (self.max_factor - 1) * torch.rand(1).item()}
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        depth = img.shape[1]
+        slabs = max(1, round(depth / params["factor"]))
+        if slabs >= depth:
+            return img
+        thick = torch.nn.functional.interpolate(img[None].float(), size=(slabs, *img.shape[2:]), mode="area")
+        back = torch.nn.functional.interpolate(thick, size=tuple(img.shape[1:]), mode="trilinear",
+                                               align_corners=False)
+        return back[0].to(img.dtype)
+
+
+def _after_spatial(steps: list) -> int:
+    """Where a scanner-side change goes in nnU-Net's transform list: right after the spatial transform (after the
+    2D-in-3D conversion pair that wraps it for anisotropic data), before nnU-Net's own intensity transforms, as a
+    scanner acts before any later processing."""
+    spatial = next((i for i, t in enumerate(steps) if isinstance(t, SpatialTransform)), None)
+    if spatial is None:
+        raise ValueError("nnU-Net's training transforms hold no SpatialTransform: cannot place the scanner shift")
+    position = spatial + 1
+    if position < len(steps) and isinstance(steps[position], Convert2DTo3DTransform):
+        position += 1
+    return position
+
+
 def with_intensity_augmentation(transforms: ComposeTransforms, kind: str) -> ComposeTransforms:
-    """nnU-Net's training transforms, with the scanner-shift transforms right after the spatial transform (before
-    nnU-Net's own intensity transforms, as a scanner acts before any later processing) when ``kind`` is
-    ``scanner``; unchanged for ``nnunet``."""
+    """nnU-Net's training transforms, with the scanner-shift transforms after the spatial transform when ``kind``
+    is ``scanner``; unchanged for ``nnunet``."""
     if kind not in INTENSITY_AUGMENTATIONS:
         raise ValueError(f"intensity augmentation {kind!r}: expected one of {', '.join(INTENSITY_AUGMENTATIONS)}")
     if kind == "nnunet":
         return transforms
     steps = list(transforms.transforms)
-    spatial = next((i for i, t in enumerate(steps) if isinstance(t, SpatialTransform)), None)
-    if spatial is None:
-        raise ValueError("nnU-Net's training transforms hold no SpatialTransform: cannot place the scanner shift")
-    # nnU-Net's 2D-in-3D augmentation wraps the spatial transform in a conversion pair: insert after the pair
-    position = spatial + 1
-    if position < len(steps) and isinstance(steps[position], Convert2DTo3DTransform):
-        position += 1
+    position = _after_spatial(steps)
     return ComposeTransforms(steps[:position] + scanner_shift_transforms() + steps[position:])
+
+
+def with_thick_slices(transforms: ComposeTransforms, thickness_mm: float, spacing_z_mm: float) -> ComposeTransforms:
+    """nnU-Net's training transforms with :class:`ThickSliceTransform` after the spatial transform, in
+    ``THICK_SLICE_PROBABILITY`` of the patches, simulating slices up to ``thickness_mm`` thick on a grid of
+    ``spacing_z_mm``; unchanged when ``thickness_mm`` is 0 or not thicker than the grid."""
+    if thickness_mm < 0:
+        raise ValueError(f"thick-slice augmentation {thickness_mm} mm: must be 0 (off) or positive")
+    if thickness_mm <= spacing_z_mm:
+        return transforms
+    steps = list(transforms.transforms)
+    position = _after_spatial(steps)
+    thick = RandomTransform(ThickSliceTransform(thickness_mm / spacing_z_mm), apply_probability=THICK_SLICE_PROBABILITY)
+    return ComposeTransforms(steps[:position] + [thick] + steps[position:])
