@@ -85,15 +85,19 @@ def test_thick_slices_average_along_z_only_as_an_independent_computation_does():
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(16, 6, 5)).astype(np.float32)
     transform = augmentation.ThickSliceTransform(3.0)
-    out = transform._apply_to_image(torch.from_numpy(volume.copy())[None], factor=2.0)[0].numpy()
+    out = transform._apply_to_image(torch.from_numpy(volume.copy())[None], factor=2.0, nearest=False)[0].numpy()
     np.testing.assert_allclose(out, reference_thick_slices(volume, 8), atol=1e-5)
+    # nearest neighbour along z (nnU-Net's resampling of very anisotropic scans): each slab mean, repeated
+    repeated = transform._apply_to_image(torch.from_numpy(volume.copy())[None], factor=2.0, nearest=True)[0].numpy()
+    np.testing.assert_allclose(repeated, np.repeat(volume.reshape(8, 2, 6, 5).mean(axis=1), 2, axis=0), atol=1e-5)
     # a pattern constant along z is untouched (in-plane detail stays); a one-voxel-thin bright slice is spread out
     in_plane = np.broadcast_to(rng.normal(size=(1, 6, 5)), (16, 6, 5)).astype(np.float32)
-    np.testing.assert_allclose(transform._apply_to_image(torch.from_numpy(in_plane.copy())[None], factor=2.0)[0],
-                               in_plane, atol=1e-5)
+    for nearest in (False, True):
+        np.testing.assert_allclose(transform._apply_to_image(torch.from_numpy(in_plane.copy())[None], factor=2.0,
+                                                             nearest=nearest)[0], in_plane, atol=1e-5)
     thin = np.zeros((16, 6, 5), np.float32)
     thin[8] = 1.0
-    spread = transform._apply_to_image(torch.from_numpy(thin)[None], factor=2.0)[0].numpy()
+    spread = transform._apply_to_image(torch.from_numpy(thin)[None], factor=2.0, nearest=False)[0].numpy()
     assert spread[:, 0, 0].max() < 0.6 and (spread[:, 0, 0] > 0.05).sum() >= 3
     with pytest.raises(ValueError, match="must exceed 1"):
         augmentation.ThickSliceTransform(1.0)

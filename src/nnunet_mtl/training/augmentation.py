@@ -58,8 +58,10 @@ def scanner_shift_transforms() -> list[RandomTransform]:
 class ThickSliceTransform(ImageOnlyTransform):
     """A thicker reconstructed slice along z (the patch's first axis): each channel is averaged over slabs of
     ``factor`` voxels, drawn in [1, max_factor) per patch, as a scanner integrates over its slice profile, then
-    interpolated linearly back to the patch's grid. In-plane detail and the labels are left as they are: the truth
-    of a thick-slice scan is still the anatomy."""
+    brought back to the patch's grid the way nnU-Net's preprocessing resamples a thick-slice scan: linearly, or, in
+    half the patches, by nearest neighbour along z (what nnU-Net does to scans whose slices are over 3x their pixel
+    size, e.g. 3 mm slices at 0.8 mm pixels: the slices repeat). In-plane detail and the labels are left as they
+    are: the truth of a thick-slice scan is still the anatomy."""
 
     def __init__(self, max_factor: float) -> None:
         super().__init__()
@@ -68,7 +70,7 @@ class ThickSliceTransform(ImageOnlyTransform):
         self.max_factor = max_factor
 
     def get_parameters(self, **data_dict) -> dict:
-        return {"factor": 1 + (self.max_factor - 1) * torch.rand(1).item()}
+        return {"factor": 1 + (self.max_factor - 1) * torch.rand(1).item(), "nearest": torch.rand(1).item() < 0.5}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         depth = img.shape[1]
@@ -76,8 +78,11 @@ class ThickSliceTransform(ImageOnlyTransform):
         if slabs >= depth:
             return img
         thick = torch.nn.functional.interpolate(img[None].float(), size=(slabs, *img.shape[2:]), mode="area")
-        back = torch.nn.functional.interpolate(thick, size=tuple(img.shape[1:]), mode="trilinear",
-                                               align_corners=False)
+        if params["nearest"]:
+            back = torch.nn.functional.interpolate(thick, size=tuple(img.shape[1:]), mode="nearest-exact")
+        else:
+            back = torch.nn.functional.interpolate(thick, size=tuple(img.shape[1:]), mode="trilinear",
+                                                   align_corners=False)
         return back[0].to(img.dtype)
 
 
