@@ -135,6 +135,8 @@ def test_train_option_reaches_the_trainers_loader(tiny_env):
         kinds = unwrapped(train_loader.data_loader.transforms.transforms)
         assert (BrightnessAdditiveTransform in kinds) is has_offset, kind
     assert build_parser().parse_args(["train", str(TINY_DATASET_ID), "--thick-slices", "4"]).thick_slice_mm == 4.0
+    with pytest.raises(SystemExit):  # argparse refuses a negative thickness before any training starts
+        build_parser().parse_args(["train", str(TINY_DATASET_ID), "--thick-slices", "-2"])
     trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 0, "cpu")
     apply_settings(trainer, TrainSettings(thick_slice_mm=3 * trainer.configuration_manager.spacing[0]))
     trainer.initialize()

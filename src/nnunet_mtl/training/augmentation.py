@@ -92,7 +92,8 @@ def _after_spatial(steps: list) -> int:
     scanner acts before any later processing."""
     spatial = next((i for i, t in enumerate(steps) if isinstance(t, SpatialTransform)), None)
     if spatial is None:
-        raise ValueError("nnU-Net's training transforms hold no SpatialTransform: cannot place the scanner shift")
+        raise ValueError("nnU-Net's training transforms hold no SpatialTransform: "
+                         "cannot place a scanner-side augmentation")
     position = spatial + 1
     if position < len(steps) and isinstance(steps[position], Convert2DTo3DTransform):
         position += 1
