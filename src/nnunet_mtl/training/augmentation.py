@@ -61,7 +61,9 @@ class ThickSliceTransform(ImageOnlyTransform):
     brought back to the patch's grid the way nnU-Net's preprocessing resamples a thick-slice scan: linearly, or, in
     half the patches, by nearest neighbour along z (what nnU-Net does to scans whose slices are over 3x their pixel
     size, e.g. 3 mm slices at 0.8 mm pixels: the slices repeat). In-plane detail and the labels are left as they
-    are: the truth of a thick-slice scan is still the anatomy."""
+    are: the truth of a thick-slice scan is still the anatomy. (batchgeneratorsv2's SimulateLowResolutionTransform
+    with ``ignore_axes`` would sample slices (nearest neighbour) instead of averaging them, and returns linearly
+    only.)"""
 
     def __init__(self, max_factor: float) -> None:
         super().__init__()
