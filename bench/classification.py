@@ -297,6 +297,7 @@ ABLATIONS: dict[str, dict] = {
     "scanner_aug": {"intensity_augmentation": "scanner"},  # contrast-timing, HU-offset and noise augmentation
     "rerun": {},  # the baseline recipe trained again: how far training noise alone moves the numbers
     "thick_slices": {"thick_slice_mm": 4.0},  # half the patches as if on slices up to 4 mm (site A: about 2 mm)
+    "lesion_contrast": {"lesion_contrast_augmentation": True},  # each lesion's contrast with the gland x0.35-1.1
 }
 
 

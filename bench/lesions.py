@@ -16,6 +16,8 @@ Postprocessing settings scored on each variant (no prediction needed):
   today          the model's largest-component decision, no lesion filters (main before issue 17)
   + each filter alone (minimum lesion volume, minimum lesion probability, lesions outside the gland) and the
   combination the model's validation chose (postprocessing.json: ``lesion_filters``)
+  + a lower lesion threshold (``--lesion-thresholds``): gland voxels whose lesion probability reaches it become
+  lesion before the rest of the postprocessing, alone and with each stricter minimum lesion probability
 
 Printed per setting: lesion-wise sensitivity by true-lesion size, sensitivity for lesions >= 0.1 ml, false-positive
 lesions per case, case-mean lesion Dice (the task's), mean Dice of detected lesions, each with a 95 % percentile
@@ -169,8 +171,19 @@ def overhead(model: Path, phantom: Path, n_cases: int, repeats: int = 3) -> None
           "fast-mode case (preprocessing + network; export not included there)")
 
 
-def score(cases: list[CaseData], keep_largest: bool, filters) -> list[dict]:
-    """Per-case lesion-wise numbers after the postprocessing given (exactly as predict applies it)."""
+def lower_lesion_threshold(raw: np.ndarray, lesion_probability: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The argmax mask with every gland voxel whose lesion probability reaches ``threshold`` relabelled lesion (a
+    threshold below 0.5 grows and adds lesions the argmax left as pancreas); None: the mask unchanged."""
+    if threshold is None:
+        return raw
+    mask = raw.copy()
+    mask[(raw == 1) & (lesion_probability >= threshold)] = 2
+    return mask
+
+
+def score(cases: list[CaseData], keep_largest: bool, filters, lesion_threshold: float | None = None) -> list[dict]:
+    """Per-case lesion-wise numbers after the postprocessing given (exactly as predict applies it), optionally
+    after lowering the lesion threshold inside the gland first."""
     from nnunet_mtl.evaluation.lesions import match_case
     from nnunet_mtl.evaluation.metrics import dice
     from nnunet_mtl.inference.lesion_filters import postprocess
@@ -178,7 +191,8 @@ def score(cases: list[CaseData], keep_largest: bool, filters) -> list[dict]:
 
     rows = []
     for c in cases:
-        mask = keep_largest_component(c.raw) if keep_largest else c.raw
+        mask = lower_lesion_threshold(c.raw, c.lesion_probability, lesion_threshold)
+        mask = keep_largest_component(mask) if keep_largest else mask
         probabilities = np.zeros((3, *mask.shape), np.float32)
         probabilities[2] = c.lesion_probability
         mask, candidates = postprocess(mask, probabilities, c.spacing, filters)
@@ -268,6 +282,9 @@ def main() -> int:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bins", default="0.2,1,5", help="true-lesion size bin edges in ml (default 0.2,1,5)")
+    parser.add_argument("--lesion-thresholds", default="0.4,0.3,0.2",
+                        help="lesion probabilities below 0.5 at which a gland voxel becomes lesion, each scored as a "
+                             "setting (default 0.4,0.3,0.2; empty: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--overhead", type=int, default=0, metavar="N",
                         help="only measure what scoring lesion components adds to predict, on N cases")
@@ -289,6 +306,7 @@ def main() -> int:
     from nnunet_mtl.inference.lesion_filters import NO_FILTERS, LesionFilters, read_lesion_filters
     from nnunet_mtl.inference.postprocessing import read_decision
 
+    thresholds = [float(t) for t in args.lesion_thresholds.split(",") if t.strip()]
     edges = [float(e) for e in args.bins.split(",")]
     bounds = [0.0, *edges, float("inf")]
     bins = list(zip(bounds[:-1], bounds[1:]))
@@ -300,16 +318,21 @@ def main() -> int:
     print(f"load after prediction: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     keep_largest = read_decision(args.model)
     chosen = read_lesion_filters(args.model)
-    settings: list[tuple[str, bool, object]] = [("raw (no postprocessing)", False, NO_FILTERS),
-                                                (f"today (largest component {keep_largest})", keep_largest,
-                                                 NO_FILTERS)]
+    settings: list[tuple[str, bool, object, float | None]] = [
+        ("raw (no postprocessing)", False, NO_FILTERS, None),
+        (f"today (largest component {keep_largest})", keep_largest, NO_FILTERS, None)]
     if not keep_largest:
-        settings.append(("largest component on", True, NO_FILTERS))
-        settings.append(("lesions outside the gland dropped", False, LesionFilters(drop_outside_gland=True)))
-    settings += [(f"min volume {v:g} ml", keep_largest, LesionFilters(min_volume_ml=v)) for v in VOLUME_STEPS_ML]
-    settings += [(f"min probability {p:g}", keep_largest, LesionFilters(min_probability=p))
+        settings.append(("largest component on", True, NO_FILTERS, None))
+        settings.append(("lesions outside the gland dropped", False, LesionFilters(drop_outside_gland=True), None))
+    settings += [(f"min volume {v:g} ml", keep_largest, LesionFilters(min_volume_ml=v), None)
+                 for v in VOLUME_STEPS_ML]
+    settings += [(f"min probability {p:g}", keep_largest, LesionFilters(min_probability=p), None)
                  for p in PROBABILITY_STEPS]
-    settings.append((f"validation's choice ({chosen.describe()})", keep_largest, chosen))
+    settings.append((f"validation's choice ({chosen.describe()})", keep_largest, chosen, None))
+    for t in thresholds:
+        settings.append((f"lesion threshold {t:g}", keep_largest, NO_FILTERS, t))
+        settings += [(f"lesion threshold {t:g} + min probability {p:g}", keep_largest,
+                      LesionFilters(min_probability=p), t) for p in PROBABILITY_STEPS if p > t]
 
     report: dict = {"load": load, "model": str(args.model), "phantom": str(args.phantom), "variants": {}}
     header = (f"{'setting':<44}{'sens>=0.1ml':>22}{'FP/case':>20}{'case lesion Dice':>22}{'detected Dice':>20}"
@@ -322,8 +345,8 @@ def main() -> int:
         reference = None
         report["variants"][variant] = {"seconds_per_case": float(seconds.mean()), "settings": {}}
         print(header)
-        for name, largest, filters in settings:
-            rows = score(cases, largest, filters)
+        for name, largest, filters, threshold in settings:
+            rows = score(cases, largest, filters, threshold)
             vectors = per_case_vectors(rows, bins)
             if name.startswith("today"):
                 reference = vectors
@@ -352,6 +375,14 @@ def main() -> int:
         print("FROC of today's masks (lesions >= 0.1 ml; threshold chosen on this test set, optimistic): "
               + ", ".join(f"{p['sensitivity']:.3f} at {p['fp_per_case']:.2f} FP/case (score >= {p['threshold']})"
                           for p in points))
+        for t in thresholds:
+            rows = score(cases, keep_largest, NO_FILTERS, t)
+            curve_t = froc([r["lesions"] for r in rows], MIN_VOLUME_ML)
+            points_t = [sensitivity_at_fp(curve_t, b) for b in (0.1, 0.3, 1.0)]
+            print(f"FROC at lesion threshold {t:g} (optimistic, as above): "
+                  + ", ".join(f"{p['sensitivity']:.3f} at {p['fp_per_case']:.2f} FP/case (score >= {p['threshold']})"
+                              for p in points_t))
+            report["variants"][variant][f"froc_threshold_{t:g}"] = points_t
         missed = sorted(t.volume_ml for r in today_rows for t in r["lesions"].truth if not t.detected)
         print(f"missed true lesions (ml): {[round(v, 3) for v in missed]}")
         report["variants"][variant]["froc"] = points

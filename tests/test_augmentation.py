@@ -144,3 +144,86 @@ def test_train_option_reaches_the_trainers_loader(tiny_env):
     thick = [getattr(t, "transform", t) for t in train_loader.data_loader.transforms.transforms
              if isinstance(getattr(t, "transform", t), augmentation.ThickSliceTransform)]
     assert len(thick) == 1 and thick[0].max_factor == pytest.approx(3.0)
+
+
+def reference_lesion_contrast(image: np.ndarray, labels: np.ndarray, factor: float) -> np.ndarray:
+    """Independent computation: gland within 3 voxels (Chebyshev) of the lesion as reference, the lesion shifted by
+    (factor - 1) * contrast, voxels next to it by the share of lesion voxels in their 3x3x3 neighbourhood."""
+    lesion, gland = labels == 2, labels == 1
+    points = np.argwhere(lesion)
+    grid = np.indices(labels.shape).reshape(3, -1).T
+    distance = np.min(np.abs(grid[:, None, :] - points[None, :, :]).max(-1), axis=1).reshape(labels.shape)
+    reference = (distance <= 3) & gland
+    shift = (factor - 1) * (image[lesion].mean() - image[reference].mean())
+    weight = np.zeros(labels.shape)
+    for z, y, x in np.ndindex(labels.shape):
+        window = lesion[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+        weight[z, y, x] = 1.0 if lesion[z, y, x] else window.mean()
+    return image + shift * weight
+
+
+def lesion_patch(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.zeros((10, 14, 14), np.int16)
+    labels[1:9, 2:12, 2:12] = 1
+    labels[3:7, 5:9, 4:8] = 2
+    image = rng.normal(0.0, 0.2, labels.shape) + np.where(labels == 1, 1.0, 0.0) + np.where(labels == 2, 3.0, 0.0)
+    return image.astype(np.float32), labels
+
+
+def test_lesion_contrast_moves_the_lesion_mean_as_an_independent_computation_does_and_keeps_its_texture():
+    image, labels = lesion_patch(np.random.default_rng(0))
+    transform = augmentation.LesionContrastTransform()
+    data = {"image": torch.from_numpy(image)[None], "segmentation": torch.from_numpy(labels)[None]}
+    for factor in (0.35, 0.5, 1.1):
+        transform.factor_range = (factor, factor)
+        out = transform(image=data["image"].clone(), segmentation=data["segmentation"].clone())
+        result = out["image"][0].numpy()
+        np.testing.assert_allclose(result, reference_lesion_contrast(image, labels, factor), atol=1e-5)
+        lesion = labels == 2
+        gland_mean = image[(labels == 1)].mean()
+        assert (result[lesion].mean() - gland_mean) == pytest.approx(factor * (image[lesion].mean() - gland_mean),
+                                                                     abs=0.05)
+        assert result[lesion].std() == pytest.approx(image[lesion].std(), rel=1e-5)  # texture kept
+        far = np.ones_like(lesion)
+        far[2:8, 4:10, 3:9] = False  # the lesion and its one-voxel fade
+        np.testing.assert_array_equal(result[far], image[far])
+        np.testing.assert_array_equal(out["segmentation"][0].numpy(), labels)
+
+
+def test_lesion_contrast_leaves_patches_without_lesion_or_gland_alone_and_refuses_bad_ranges():
+    image, labels = lesion_patch(np.random.default_rng(1))
+    transform = augmentation.LesionContrastTransform((0.5, 0.5))
+    no_lesion = np.where(labels == 2, 1, labels).astype(np.int16)
+    no_gland = np.where(labels == 1, 0, labels).astype(np.int16)
+    for seg in (no_lesion, no_gland):
+        out = transform(image=torch.from_numpy(image)[None].clone(), segmentation=torch.from_numpy(seg)[None])
+        np.testing.assert_array_equal(out["image"][0].numpy(), image)
+    for bad in ((-0.1, 1.0), (1.2, 1.0)):
+        with pytest.raises(ValueError, match="lesion contrast"):
+            augmentation.LesionContrastTransform(bad)
+
+
+def test_lesion_contrast_sits_after_the_spatial_transform_in_half_the_patches_and_reaches_the_loader(tiny_env):
+    original = nnunet_transforms()
+    assert augmentation.with_lesion_contrast(original, False) is original
+    steps = augmentation.with_lesion_contrast(original, True).transforms
+    kinds = unwrapped(steps)
+    spatial = kinds.index(SpatialTransform)
+    assert kinds[spatial + 1] is augmentation.LesionContrastTransform
+    assert steps[spatial + 1].apply_probability == augmentation.LESION_CONTRAST_PROBABILITY
+    assert kinds[:spatial + 1] + kinds[spatial + 2:] == unwrapped(original.transforms)
+    image, labels = lesion_patch(np.random.default_rng(2))
+    contrast = ComposeTransforms([steps[spatial + 1]])
+    changed = np.mean([not np.array_equal(contrast(image=torch.from_numpy(image)[None].clone(),
+                                                   segmentation=torch.from_numpy(labels)[None])["image"][0].numpy(),
+                                          image) for _ in range(600)])
+    assert abs(changed - augmentation.LESION_CONTRAST_PROBABILITY) < 0.07, changed
+    parsed = build_parser().parse_args(["train", str(TINY_DATASET_ID), "--lesion-contrast-aug", "yes"])
+    assert parsed.lesion_contrast_augmentation is True
+    trainer = build_trainer(TINY_DATASET_ID, TINY_PLANS, 0, "cpu")
+    apply_settings(trainer, TrainSettings(lesion_contrast_augmentation=True))
+    trainer.initialize()
+    train_loader, _ = trainer.get_dataloaders()
+    assert augmentation.LesionContrastTransform in unwrapped(train_loader.data_loader.transforms.transforms)
+    batch = next(train_loader)  # nnU-Net's real patches (labels after its spatial transform) go through it
+    assert torch.isfinite(batch["data"]).all()

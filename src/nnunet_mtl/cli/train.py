@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="thick-slice augmentation: half the training patches look as if reconstructed at up to "
                              "MM mm along z (partial volume), for test scans with thicker slices than the training "
                              "data (default 0: off; no gain measured on the phantom sites)")
+    parser.add_argument("--lesion-contrast-aug", type=_bool, dest="lesion_contrast_augmentation", metavar="yes|no",
+                        help="lesion contrast augmentation: in half the training patches the lesion's mean contrast "
+                             "with the gland around it is scaled by 0.35-1.1 (texture kept), for lesions dimmer or "
+                             "brighter than the training data's (default no)")
     parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
                         help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")
     parser.add_argument("--lesion-loss-weight", type=float, metavar="W",
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         subtype_loss_on_lesion_patches_only=args.subtype_loss_on_lesion_patches_only,
         attend_to_true_lesion=args.attend_to_true_lesion, cpu_bf16=args.cpu_bf16, optimizer=args.optimizer,
         mirror_augmentation=args.mirror_augmentation, intensity_augmentation=args.intensity_augmentation,
-        thick_slice_mm=args.thick_slice_mm,
+        thick_slice_mm=args.thick_slice_mm, lesion_contrast_augmentation=args.lesion_contrast_augmentation,
         max_rotation_degrees=args.max_rotation_degrees,
         feature_model_kind=args.feature_model_kind, lesion_loss_weight=args.lesion_loss_weight)
     try:

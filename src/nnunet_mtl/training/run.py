@@ -40,6 +40,7 @@ class TrainSettings:
     mirror_augmentation: bool | None = None
     intensity_augmentation: str | None = None
     thick_slice_mm: float | None = None
+    lesion_contrast_augmentation: bool | None = None
     max_rotation_degrees: float | None = None
     feature_model_kind: str | None = None
     head_lr_scale: float | None = None

@@ -57,7 +57,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
-from nnunet_mtl.training.augmentation import with_intensity_augmentation, with_thick_slices
+from nnunet_mtl.training.augmentation import with_intensity_augmentation, with_lesion_contrast, with_thick_slices
 from nnunet_mtl.training.checkpoints import CheckpointMixin, read_checkpoint, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
 from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR, OPTIMIZERS, build_optimizer
@@ -102,6 +102,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.mirror_augmentation = True
         self.intensity_augmentation = "nnunet"  # or "scanner": see training/augmentation.py
         self.thick_slice_mm = 0.0  # > the plans' z spacing: simulate slices up to this thick (augmentation.py)
+        self.lesion_contrast_augmentation = False  # scale each lesion's contrast with the gland (augmentation.py)
         self.max_rotation_degrees: float | None = None  # None: nnU-Net's range (30 degrees here, 180 in 2D)
         self.lesion_loss_weight = 1.0
         self.skipped_steps = 0
@@ -166,7 +167,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                f"{self.mirror_augmentation}, rotation limit {rotation}, "
                                f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}, lesion CE weight "
                                f"{self.lesion_loss_weight}, intensity augmentation {self.intensity_augmentation}, "
-                               f"thick slices up to {self.thick_slice_mm} mm")
+                               f"thick slices up to {self.thick_slice_mm} mm, lesion contrast augmentation "
+                               f"{self.lesion_contrast_augmentation}")
 
     def _build_loss(self):
         """nnU-Net's loss; with ``lesion_loss_weight`` != 1 its cross-entropy weighs lesion voxels that much more."""
@@ -241,6 +243,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             foreground_labels=labels, regions=None, ignore_label=None)
         tr_transforms = with_intensity_augmentation(tr_transforms, self.intensity_augmentation)
         tr_transforms = with_thick_slices(tr_transforms, self.thick_slice_mm, self.configuration_manager.spacing[0])
+        tr_transforms = with_lesion_contrast(tr_transforms, self.lesion_contrast_augmentation)
         val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
                                                         foreground_labels=labels, regions=None, ignore_label=None)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
