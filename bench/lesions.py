@@ -14,8 +14,9 @@ Prediction variants (``--variants``):
 Postprocessing settings scored on each variant (no prediction needed):
   raw            no postprocessing at all
   today          the model's largest-component decision, no lesion filters (main before issue 17)
-  + each filter alone (minimum lesion volume, minimum lesion probability, lesions outside the gland) and the
-  combination the model's validation chose (postprocessing.json: ``lesion_filters``)
+  + each filter alone (minimum lesion volume, minimum lesion probability, lesions outside the gland), a few
+  volume-and-probability pairs, and the combination the model's validation chose (postprocessing.json:
+  ``lesion_filters``)
   + a lower lesion threshold (``--lesion-thresholds``): gland voxels whose lesion probability reaches it become
   lesion before the rest of the postprocessing, alone and with each stricter minimum lesion probability
 
@@ -49,7 +50,8 @@ import numpy as np
 
 VARIANTS = ("fast", "lesion_mirror")
 VOLUME_STEPS_ML = (0.005, 0.01, 0.02, 0.05, 0.1)
-PROBABILITY_STEPS = (0.5, 0.6, 0.7, 0.8, 0.9)
+PROBABILITY_STEPS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+COMBINED_STEPS = ((0.05, 0.9), (0.1, 0.9), (0.1, 0.95))  # (minimum ml, minimum probability) together
 MIN_VOLUME_ML = 0.1
 
 
@@ -328,6 +330,8 @@ def main() -> int:
                  for v in VOLUME_STEPS_ML]
     settings += [(f"min probability {p:g}", keep_largest, LesionFilters(min_probability=p), None)
                  for p in PROBABILITY_STEPS]
+    settings += [(f"min volume {v:g} ml + min probability {p:g}", keep_largest,
+                  LesionFilters(min_volume_ml=v, min_probability=p), None) for v, p in COMBINED_STEPS]
     settings.append((f"validation's choice ({chosen.describe()})", keep_largest, chosen, None))
     for t in thresholds:
         settings.append((f"lesion threshold {t:g}", keep_largest, NO_FILTERS, t))
