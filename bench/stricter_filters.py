@@ -48,7 +48,8 @@ def main() -> int:
     for site in args.sites:
         print(f"\nsite {site}: lesions >= {MIN_ML:g} ml found / false lesions per case, after each extra filter")
         runs = [(arm[0], run) for arm in args.arm for run in arm[1:]]
-        print(f"{'min ml, min score':<19}" + "".join(f"{f'{name}:{run}':>34}" for name, run in runs)
+        width = max(len(f"{name}:{run}") for name, run in runs) + 2
+        print(f"{'min ml, min score':<19}" + "".join(f"{f'{name}:{run}':>{width}}" for name, run in runs)
               + "".join(f"{f'{arm[0]} (mean)':>26}" for arm in args.arm))
         for volume, score in filters:
             values = {}
@@ -62,7 +63,7 @@ def main() -> int:
                 pairs = [values[(arm[0], run)] for run in arm[1:]]
                 means.append(tuple(sum(v[k] for v in pairs) / len(pairs) for k in (0, 1)))
             print(f"{f'{volume:g}, {score:g}':<19}"
-                  + "".join(f"{f'{s:.3f} / {f:.2f}':>34}" for s, f in values.values())
+                  + "".join(f"{f'{s:.3f} / {f:.2f}':>{width}}" for s, f in values.values())
                   + "".join(f"{f'{s:.3f} / {f:.2f}':>26}" for s, f in means))
     return 0
 

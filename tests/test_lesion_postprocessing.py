@@ -266,3 +266,34 @@ def test_cli_lesion_filter_options(tiny_model, tmp_path, capsys):
     code = cli_main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tiny_model),
                      "--min-lesion-probability", "1.5"])
     assert code == 2 and "--min-lesion-probability" in capsys.readouterr().err
+
+
+def test_choice_reaches_the_strict_end_of_the_grid_only_when_found_lesions_are_near_certain(monkeypatch):
+    """0.95 and 0.98 take half the distance to 1 as margin: found lesions must score 0.975 and 0.99."""
+    monkeypatch.setattr(lesion_filters, "MIN_FOUND_LESIONS", 1)
+
+    def fold(found_score: float) -> list:
+        truth = np.zeros((4, 40, 60), np.uint8)
+        truth[:, 2:38, 2:58] = 1
+        segmentation, probability = truth.copy(), np.zeros(truth.shape, np.float32)
+        blob(truth, np.zeros_like(probability), 1, 5, 5, 50, 0)  # a 0.1 ml lesion ...
+        blob(segmentation, probability, 1, 5, 5, 50, found_score)  # ... found with this score
+        blob(segmentation, probability, 2, 20, 5, 50, 0.94)  # false lesions as large, confident
+        blob(segmentation, probability, 2, 30, 5, 50, 0.97)
+        labels, candidates = find_candidates(segmentation, probability, SPACING)
+        return [(match_case(segmentation, truth, SPACING, "a", [(c.peak, c.score) for c in candidates]), candidates)]
+
+    assert LesionFilters(0, 0.98).keeps(find_candidates(*_one_blob(0.99), SPACING)[1][0], 1.0, 0.05)
+    assert not LesionFilters(0, 0.98).keeps(find_candidates(*_one_blob(0.985), SPACING)[1][0], 1.0, 0.05)
+    assert LesionFilters(0, 0.5).keeps(find_candidates(*_one_blob(0.55), SPACING)[1][0], 1.0, 0.05)  # as before
+    assert not LesionFilters(0, 0.5).keeps(find_candidates(*_one_blob(0.54), SPACING)[1][0], 1.0, 0.05)
+    for found, chosen, false in ((0.995, 0.98, 0), (0.985, 0.95, 1), (0.96, 0.0, 2)):  # 0.9 removes nothing
+        decision = choose(fold(found))
+        assert (decision["min_probability"], decision["validation"]["chosen"]["false_positives"]) == (chosen, false)
+        assert decision["validation"]["chosen"]["detected"] == 1
+
+
+def _one_blob(score: float) -> tuple[np.ndarray, np.ndarray]:
+    segmentation, probability = np.zeros((4, 40, 60), np.uint8), np.zeros((4, 40, 60), np.float32)
+    blob(segmentation, probability, 1, 5, 5, 50, score)
+    return segmentation, probability

@@ -15,12 +15,13 @@ lesion inside the gland is gland tissue taken for lesion, and whole-pancreas Dic
 largest-component decision): every setting of a small grid is scored on the validation cases by the lesion-wise
 rule of :mod:`nnunet_mtl.evaluation.lesions`. Admissible settings detect every true lesion that the unfiltered
 prediction detects, *with a margin*: each detected lesion must keep a matching component at least
-``VOLUME_MARGIN`` times the minimum volume and ``PROBABILITY_MARGIN`` above the minimum probability, because a
-validation fold of a dozen cases cannot show the smallest or faintest lesion of a test set. Among admissible
-settings the one with the fewest false lesions wins; ties go to the gentler setting. A fold whose unfiltered
-prediction finds fewer than ``MIN_FOUND_LESIONS`` true lesions shows nothing about what a true lesion looks like,
-so it gets no filters. The decision, with the counts of every setting, is stored under ``lesion_filters`` in the
-model folder's ``postprocessing.json``.
+``VOLUME_MARGIN`` times the minimum volume and ``PROBABILITY_MARGIN`` above the minimum probability (half the
+distance to 1 where that is less, so that 0.95 and 0.98 can be chosen: a found lesion must then score 0.975 or
+0.99), because a validation fold of a dozen cases cannot show the smallest or faintest lesion of a test set.
+Among admissible settings the one with the fewest false lesions wins; ties go to the gentler setting. A fold
+whose unfiltered prediction finds fewer than ``MIN_FOUND_LESIONS`` true lesions shows nothing about what a true
+lesion looks like, so it gets no filters. The decision, with the counts of every setting, is stored under
+``lesion_filters`` in the model folder's ``postprocessing.json``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from nnunet_mtl.inference.postprocessing import POSTPROCESSING_FILE
 PANCREAS_LABEL = 1
 DECISION_KEY = "lesion_filters"
 VOLUME_GRID_ML = (0.0, 0.005, 0.01, 0.02, 0.05)
-PROBABILITY_GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROBABILITY_GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 VOLUME_MARGIN = 2.0  # a kept true lesion's component must be at least twice the minimum volume
-PROBABILITY_MARGIN = 0.05  # ... and its score at least this much above the minimum probability
+PROBABILITY_MARGIN = 0.05  # ... and its score this much above the minimum probability (at most half of 1 - it)
 MIN_FOUND_LESIONS = 3  # fewer found validation lesions: no evidence to filter by
 
 
@@ -56,9 +57,9 @@ class LesionFilters:
         return self.min_volume_ml > 0 or self.min_probability > 0 or self.drop_outside_gland
 
     def keeps(self, candidate: Candidate, volume_margin: float = 1.0, probability_margin: float = 0.0) -> bool:
+        margin = min(probability_margin, (1.0 - self.min_probability) / 2) if self.min_probability else 0.0
         return (candidate.volume_ml >= self.min_volume_ml * volume_margin
-                and candidate.max_probability >= self.min_probability + (probability_margin if self.min_probability
-                                                                         else 0.0)
+                and candidate.max_probability >= self.min_probability + margin
                 and (candidate.in_gland or not self.drop_outside_gland))
 
     def describe(self) -> str:
@@ -180,8 +181,8 @@ def choose(cases: Sequence[tuple[CaseLesions, Sequence[Candidate]]], allow_outsi
     return {**asdict(best), "description": best.describe(),
             "criterion": "fewest false lesions on the validation fold among settings that keep every detected true "
                          f"lesion with a margin (component >= {VOLUME_MARGIN:g} x the minimum volume, score >= "
-                         f"the minimum probability + {PROBABILITY_MARGIN:g}); no filters when fewer than "
-                         f"{MIN_FOUND_LESIONS} true lesions are found",
+                         f"the minimum probability + {PROBABILITY_MARGIN:g}, or + half its distance to 1 where "
+                         f"less); no filters when fewer than {MIN_FOUND_LESIONS} true lesions are found",
             "validation": {"cases": len(cases), "true_lesions": sum(len(c.truth) for c, _ in cases),
                            "without_filters": baseline, "chosen": best_row},
             "grid": rows}
