@@ -25,7 +25,8 @@ def sensitivity_and_false(table: Path, min_volume_ml: float, min_score: float) -
     than ``min_volume_ml`` or scored below ``min_score``."""
     with table.open() as f:
         rows = list(csv.DictReader(f))
-    cases = {r["case"] for r in rows}
+    with (table.parent / "metrics_per_case.csv").open() as f:  # every evaluated case, with or without lesions
+        cases = {r["case"] for r in csv.DictReader(f)}
     kept = {(r["case"], r["index"]) for r in rows if r["kind"] == "predicted"
             and float(r["volume_ml"]) >= min_volume_ml and float(r["score"] or 0) >= min_score}
     false = sum(r["status"] == "false_positive" and (r["case"], r["index"]) in kept

@@ -121,26 +121,25 @@ class LesionContrastTransform(ImageOnlyTransform):
     def get_parameters(self, **data_dict) -> dict:
         factor = self.factor_range[0] + (self.factor_range[1] - self.factor_range[0]) * torch.rand(1).item()
         image, segmentation = data_dict.get("image"), data_dict.get("segmentation")
-        if image is None or segmentation is None or segmentation.ndim not in (3, 4):
+        if image is None or segmentation is None or segmentation.ndim != 4:  # 3D patches only (after the spatial step)
             return {"shift": None}
         labels = segmentation[0]
         lesion = labels == LESION_LABEL
         if not bool(lesion.any()):
             return {"shift": None}
         gland = labels == GLAND_LABEL
-        pool = torch.nn.functional.max_pool3d if labels.ndim == 3 else torch.nn.functional.max_pool2d
-        mean = torch.nn.functional.avg_pool3d if labels.ndim == 3 else torch.nn.functional.avg_pool2d
-        near = pool(lesion[None].float(), 2 * RING_VOXELS + 1, stride=1, padding=RING_VOXELS)[0] > 0
+        near = torch.nn.functional.max_pool3d(lesion[None].float(), 2 * RING_VOXELS + 1, stride=1,
+                                              padding=RING_VOXELS)[0] > 0
         reference = near & gland
         if int(reference.sum()) < MIN_REFERENCE_VOXELS:
             reference = gland
         if int(reference.sum()) < MIN_REFERENCE_VOXELS:
             return {"shift": None}
-        fade = mean(lesion[None].float(), 3, stride=1, padding=1, count_include_pad=False)[0]
+        fade = torch.nn.functional.avg_pool3d(lesion[None].float(), 3, stride=1, padding=1, count_include_pad=False)[0]
         weight = torch.where(lesion, torch.ones_like(fade), fade)
         contrast = torch.stack([channel[lesion].float().mean() - channel[reference].float().mean()
                                 for channel in image])
-        shift = (factor - 1.0) * contrast.view(-1, *([1] * labels.ndim)) * weight[None]
+        shift = (factor - 1.0) * contrast.view(-1, 1, 1, 1) * weight[None]
         return {"shift": shift}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
@@ -148,10 +147,11 @@ class LesionContrastTransform(ImageOnlyTransform):
         return img if shift is None else (img + shift).to(img.dtype)
 
 
-def _after_spatial(steps: list) -> int:
-    """Where a scanner-side change goes in nnU-Net's transform list: right after the spatial transform (after the
-    2D-in-3D conversion pair that wraps it for anisotropic data), before nnU-Net's own intensity transforms, as a
-    scanner acts before any later processing."""
+def _insert_after_spatial(transforms: ComposeTransforms, added: list) -> ComposeTransforms:
+    """nnU-Net's transforms with ``added`` right after the spatial transform (after the 2D-in-3D conversion pair
+    that wraps it for anisotropic data), before nnU-Net's own intensity transforms, as a scanner acts before any
+    later processing."""
+    steps = list(transforms.transforms)
     spatial = next((i for i, t in enumerate(steps) if isinstance(t, SpatialTransform)), None)
     if spatial is None:
         raise ValueError("nnU-Net's training transforms hold no SpatialTransform: "
@@ -159,7 +159,7 @@ def _after_spatial(steps: list) -> int:
     position = spatial + 1
     if position < len(steps) and isinstance(steps[position], Convert2DTo3DTransform):
         position += 1
-    return position
+    return ComposeTransforms(steps[:position] + added + steps[position:])
 
 
 def with_intensity_augmentation(transforms: ComposeTransforms, kind: str) -> ComposeTransforms:
@@ -169,9 +169,7 @@ def with_intensity_augmentation(transforms: ComposeTransforms, kind: str) -> Com
         raise ValueError(f"intensity augmentation {kind!r}: expected one of {', '.join(INTENSITY_AUGMENTATIONS)}")
     if kind == "nnunet":
         return transforms
-    steps = list(transforms.transforms)
-    position = _after_spatial(steps)
-    return ComposeTransforms(steps[:position] + scanner_shift_transforms() + steps[position:])
+    return _insert_after_spatial(transforms, scanner_shift_transforms())
 
 
 def with_thick_slices(transforms: ComposeTransforms, thickness_mm: float, spacing_z_mm: float) -> ComposeTransforms:
@@ -182,10 +180,8 @@ def with_thick_slices(transforms: ComposeTransforms, thickness_mm: float, spacin
         raise ValueError(f"thick-slice augmentation {thickness_mm} mm: must be 0 (off) or positive")
     if thickness_mm <= spacing_z_mm:
         return transforms
-    steps = list(transforms.transforms)
-    position = _after_spatial(steps)
     thick = RandomTransform(ThickSliceTransform(thickness_mm / spacing_z_mm), apply_probability=THICK_SLICE_PROBABILITY)
-    return ComposeTransforms(steps[:position] + [thick] + steps[position:])
+    return _insert_after_spatial(transforms, [thick])
 
 
 def with_lesion_contrast(transforms: ComposeTransforms, enabled: bool) -> ComposeTransforms:
@@ -193,7 +189,5 @@ def with_lesion_contrast(transforms: ComposeTransforms, enabled: bool) -> Compos
     ``LESION_CONTRAST_PROBABILITY`` of the patches; unchanged when not ``enabled``."""
     if not enabled:
         return transforms
-    steps = list(transforms.transforms)
-    position = _after_spatial(steps)
     contrast = RandomTransform(LesionContrastTransform(), apply_probability=LESION_CONTRAST_PROBABILITY)
-    return ComposeTransforms(steps[:position] + [contrast] + steps[position:])
+    return _insert_after_spatial(transforms, [contrast])
