@@ -55,12 +55,13 @@ def make_phantoms(workdir: Path, sites: list[str], n_test: int, seed: int) -> di
 
 
 def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations: int, tag: str = "",
-               extra: dict | None = None) -> Path:
-    """The demo recipe on one site's training data; returns the model folder."""
+               extra: dict | None = None, folds: tuple[str, ...] = ("0",)) -> Path:
+    """The demo recipe on one site's training data (fold 0, or several cross-validation folds whose out-of-fold
+    predictions fit the classifier); returns the model folder."""
     from nnunet_mtl import paths
     from nnunet_mtl.data.importer import import_dataset, scan_published
     from nnunet_mtl.planning.plans import PLANS_CHOICES, plan_and_preprocess
-    from nnunet_mtl.training.run import TrainSettings, train
+    from nnunet_mtl.training.run import TrainSettings, train, train_folds
     from nnunet_mtl.training.trainer import cpu_has_fast_bf16
 
     work = paths.configure(workdir / "nnunet")
@@ -79,13 +80,17 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
         content["plans_name"] = plans
         (preprocessed / f"{plans}.json").write_text(json.dumps(content, indent=1))
     model = work.results / paths.dataset_folder_name(dataset_id, name) / f"nnUNetTrainerMTL__{plans}__3d_fullres"
-    if not (model / "fold_0" / "checkpoint_final.pth").is_file() or not (model / "subtype_classifier.json").is_file():
+    trained = all((model / f"fold_{fold}" / "checkpoint_final.pth").is_file() for fold in folds)
+    if not trained or not (model / "subtype_classifier.json").is_file():
         print(f"== train on site {site} {tag}", flush=True)
         settings = TrainSettings(epochs=epochs, iterations=iterations, val_iterations=4, case_validation_every=epochs,
                                  final_validation_fast=True, optimizer="adamw", mirror_augmentation=False,
                                  max_rotation_degrees=15.0, cpu_bf16=cpu_has_fast_bf16(), **(extra or {}))
         started = time.perf_counter()
-        train(dataset_id, plans, 0, "cpu", settings, resume=True)
+        if tuple(folds) == ("0",):
+            train(dataset_id, plans, 0, "cpu", settings, resume=True)
+        else:
+            train_folds(dataset_id, plans, list(folds), "cpu", settings, resume=True)
         print(f"   trained in {time.perf_counter() - started:.0f} s", flush=True)
     return model
 
@@ -261,6 +266,10 @@ def main() -> None:
                         help="the Nth training of the same recipe (default 1): N >= 2 trains and predicts again "
                              "under its own tag, so an arm holds several trainings (training noise is as large as "
                              "most levers)")
+    parser.add_argument("--folds", nargs="+", default=["0"], metavar="FOLD",
+                        help="train these folds (default 0, the published split); several, e.g. 1 2 3 4 5: the "
+                             "cross-validation ensemble, tagged _cv<n>, predicting with all of them")
+    parser.add_argument("--train-only", action="store_true", help="stop after training")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
 
@@ -270,10 +279,14 @@ def main() -> None:
     sites = sorted(set(args.train_sites) | set(args.test_sites))
     phantoms = make_phantoms(args.workdir.resolve(), sites, args.n_test, args.seed)
     extra = ABLATIONS[args.ablation] if args.ablation else None
-    tag = (f"_{args.ablation}" if args.ablation else "") + (f"_t{args.training}" if args.training > 1 else "")
+    tag = (f"_{args.ablation}" if args.ablation else "") + (f"_cv{len(args.folds)}" if args.folds != ["0"] else "") \
+        + (f"_t{args.training}" if args.training > 1 else "")
     table, cache = {}, {}
     for train in args.train_sites:
-        model = train_site(args.workdir.resolve(), train, phantoms[train], args.epochs, args.iterations, tag, extra)
+        model = train_site(args.workdir.resolve(), train, phantoms[train], args.epochs, args.iterations, tag, extra,
+                           tuple(args.folds))
+        if args.train_only:
+            continue
         for test in args.test_sites:
             preds = predict_site(model, phantoms[test], args.workdir.resolve() / f"preds_{train}{tag}_on_{test}")
             table[f"{train}{tag}->{test}"] = score_pair(model, phantoms[train], phantoms[test], preds, args.refit,

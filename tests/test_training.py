@@ -15,7 +15,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from tiny import TINY_DATASET_ID, TINY_PLANS, TINY_TRAIN_PER_SUBTYPE
 
 from nnunet_mtl.cli import main as cli_main
+from nnunet_mtl.inference import lesion_filters
 from nnunet_mtl.training.dataloader import class_balanced_probabilities
+from nnunet_mtl.training.fold_decisions import load_evidence
 from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
 
 
@@ -411,6 +413,13 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
         assert filters["description"] == "none" and chosen == without
     assert (fold / "validation" / "lesion_candidates.csv").is_file()
     assert metrics["lesions"]["n_cases"] == 3 and metrics["lesions"]["froc"] is not None
+    # the evidence for deciding over several folds (fold_decisions.py) is stored, and it is this decision's
+    scores, evidence = load_evidence(fold / "validation")
+    assert sorted(scores) == sorted(evidence) and len(scores) == 3
+    assert decision["score_without"] == pytest.approx(np.mean([s[0] for s in scores.values()]))
+    assert decision["score_with"] == pytest.approx(np.mean([s[1] for s in scores.values()]))
+    largest = decision["keep_largest_component"]
+    assert lesion_filters.choose([evidence[c][largest] for c in scores], not largest)["grid"] == filters["grid"]
 
 
 def test_validation_only_decides_the_postprocessing_again(tiny_model, tiny_env, fold_1_removed_afterwards):

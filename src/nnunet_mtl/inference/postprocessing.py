@@ -37,18 +37,29 @@ def _task_score(prediction: np.ndarray, truth: np.ndarray) -> float:
     return (dice(prediction > 0, truth > 0) + dice(prediction == LESION_LABEL, truth == LESION_LABEL)) / 2
 
 
-def determine(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict:
-    """Mean task score (mean of whole-pancreas and lesion Dice) per case with and without the largest component."""
-    without, with_lcc = [], []
+def task_scores(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict[str, tuple[float, float]]:
+    """Per case, the task score (mean of whole-pancreas and lesion Dice) without and with the largest component."""
+    scores = {}
     for case in cases:
         prediction = read_volume(prediction_dir / f"{case}.nii.gz", "mask").array
         truth = read_volume(truth_dir / f"{case}.nii.gz", "mask").array
-        without.append(_task_score(prediction, truth))
-        with_lcc.append(_task_score(keep_largest_component(prediction), truth))
-    score_without, score_with = float(np.mean(without)), float(np.mean(with_lcc))
+        scores[case] = (_task_score(prediction, truth), _task_score(keep_largest_component(prediction), truth))
+    return scores
+
+
+def decide(scores: dict[str, tuple[float, float]]) -> dict:
+    """Keep the largest component when it raises the mean task score over these cases (one fold's, or every
+    cross-validation fold's pooled)."""
+    score_without = float(np.mean([s[0] for s in scores.values()])) if scores else 0.0
+    score_with = float(np.mean([s[1] for s in scores.values()])) if scores else 0.0
     return {"keep_largest_component": score_with > score_without, "criterion": "mean of whole-pancreas and lesion "
             "Dice over the validation cases", "score_without": score_without, "score_with": score_with,
-            "cases": len(cases)}
+            "cases": len(scores)}
+
+
+def determine(prediction_dir: Path, truth_dir: Path, cases: list[str]) -> dict:
+    """The decision on one folder of validation predictions."""
+    return decide(task_scores(prediction_dir, truth_dir, cases))
 
 
 def apply_to_folder(prediction_dir: Path, cases: list[str]) -> None:

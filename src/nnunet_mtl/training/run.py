@@ -141,10 +141,12 @@ def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | t
                 device: str = "auto", settings: TrainSettings | None = None, resume: bool = False,
                 initial_weights: str | None = None, validate: bool = True, validation_only: bool = False) -> dict:
     """Train each fold in turn (a fold whose final checkpoint exists is kept when resuming); with several folds the
-    subtype classifier is fitted once at the end on their out-of-fold predictions.
+    subtype classifier is fitted once at the end on their out-of-fold predictions, and the postprocessing (largest
+    component, lesion filters) is decided again on all their validation cases together.
 
     Returns the model folder, each fold's result and the classifier's provenance.
     """
+    from nnunet_mtl.training.fold_decisions import decide_from_folds
     from nnunet_mtl.training.subtype_fit import fit_from_model_folder
 
     results, model_folder = {}, None
@@ -167,4 +169,16 @@ def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | t
         fitted.save(model_folder)
         classifier = fitted.provenance
         print(f"subtype classifier fitted: {fitted.provenance}")
-    return {"model_folder": model_folder, "folds": results, "classifier": classifier}
+    decisions = None
+    if several and validate and model_folder is not None:
+        decisions = decide_from_folds(model_folder, [str(f) for f in folds])
+        if decisions is None:
+            print("postprocessing: a fold's validation predates the stored evidence, so the last fold's decision "
+                  "stands; `train --fold ... --validation-only` decides it on every fold's cases")
+        else:
+            filters = decisions["lesion_filters"]
+            print(f"postprocessing over folds {', '.join(map(str, folds))} "
+                  f"({decisions['postprocessing']['cases']} validation cases): keep largest component "
+                  f"{decisions['postprocessing']['keep_largest_component']}; lesion filters "
+                  f"{filters['description'] if filters else 'none (no lesion evidence)'}")
+    return {"model_folder": model_folder, "folds": results, "classifier": classifier, "postprocessing": decisions}

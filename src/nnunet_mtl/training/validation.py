@@ -9,7 +9,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   outputs; ours predicts masks and subtypes of the validation fold, exports them in the original geometry, stores
   each case's subtype record and fits the subtype classifier (:mod:`~nnunet_mtl.training.subtype_fit`), decides the
   largest-component postprocessing (as nnU-Net does after validation), then the false-lesion filters
-  (:mod:`nnunet_mtl.inference.lesion_filters`), and scores the fold as the task defines.
+  (:mod:`nnunet_mtl.inference.lesion_filters`), stores the evidence for deciding both over several folds
+  (:mod:`~nnunet_mtl.training.fold_decisions`), and scores the fold as the task defines.
 
 New here: :meth:`CaseValidationMixin.case_level_validation`, run during training to pick the best checkpoint.
 """
@@ -38,6 +39,7 @@ from nnunet_mtl.inference.predictor import MultiTaskPredictor
 from nnunet_mtl.inference.subtype import describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
 from nnunet_mtl.tempfiles import owner_tag, remove_stale
+from nnunet_mtl.training.fold_decisions import save_evidence
 from nnunet_mtl.training.subtype_fit import MIN_CASES_PER_CLASS, fit_from_model_folder, save_records
 
 LESION_LABEL = 2
@@ -234,7 +236,9 @@ class CaseValidationMixin:
             return None
         keys = list(dataset.identifiers)
         truth = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
-        decision = postprocessing.determine(out, truth, keys)
+        scores = postprocessing.task_scores(out, truth, keys)
+        save_evidence(out, scores, evidence)  # for the decision over several folds (fold_decisions.py)
+        decision = postprocessing.decide(scores)
         postprocessing.write_decision(model_dir, decision)
         self.print_to_log_file(f"largest-component postprocessing: {decision}")
         largest = decision["keep_largest_component"]
