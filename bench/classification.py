@@ -195,7 +195,11 @@ def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path
         elif name == "features":  # cases without a lesion have no feature opinion: fall back to the head
             variants[name] = np.array([details[c]["probabilities"].get(name, details[c]["probabilities"]["cnn"])
                                        for c in cases])
-    records = load_records(model / "fold_0")
+    if (model / "fold_0").is_dir():
+        records = load_records(model / "fold_0")
+    else:  # a cross-validation ensemble: every training case once, predicted by the fold that did not train on it
+        records = {"train": [], "validation": [r for fold in sorted(model.glob("fold_*"))
+                                                for r in load_records(fold).get("validation", [])]}
     names = [f"subtype{k}" for k in range(3)]
     for kind in refits:
         feature_kind, _, subset = kind.partition(":")
