@@ -14,6 +14,9 @@ lesion Dice.
 
   python bench/arms.py --workdir /work/bench_cls --arm baseline A A_rerun --arm thick A_thick_slices \
       A_thick_slices_t2 A_thick_slices_t3 --sites A B
+
+``--ensemble`` with one arm compares it with the average of its trainings' subtype probabilities (what `predict`
+does over folds): subtype figures only, the lesion columns of the ensemble print nan (its masks were not made).
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ def compare(arms: dict[str, list[dict[str, dict]]], seed: int = 0) -> dict:
     return result
 
 
+def ensemble(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """The trainings' subtype probabilities averaged per case; no masks, so no lesion figures (nan)."""
+    return {c: {**runs[0][c], "p": np.mean([run[c]["p"] for run in runs], axis=0), "lesions": 1,
+                "found": float("nan"), "false": float("nan"), "dice": float("nan")} for c in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="bench/classification.py's workdir")
@@ -111,13 +120,20 @@ def main() -> None:
                         help="an arm's name and its trainings' tags (preds_<RUN>_on_<site>); give two arms")
     parser.add_argument("--sites", nargs="+", default=["A", "B"])
     parser.add_argument("--variant", default="fused", help="classifier variant (default fused)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="with one arm: compare it with the average of its trainings' subtype probabilities")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     if any(len(arm) < 2 for arm in args.arm):
         parser.error("each --arm needs a name and at least one training tag")
+    if args.ensemble and (len(args.arm) != 1 or len(args.arm[0]) < 3):
+        parser.error("--ensemble takes one arm of at least two trainings")
     table = {}
     for site in args.sites:
         arms = {arm[0]: [per_case(args.workdir, run, site, args.variant) for run in arm[1:]] for arm in args.arm}
+        if args.ensemble:
+            name, runs = next(iter(arms.items()))
+            arms[f"{name}_ensemble"] = [ensemble(runs)]
         table[site] = compare(arms)
         r = table[site]
         print(f"\nsite {site}: {r['cases']} test cases, variant {args.variant}")
