@@ -121,7 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validation", action="store_true", help="skip the final validation-fold prediction")
     parser.add_argument("--validation-only", action="store_true",
                         help="do not train: predict the validation fold with the final checkpoint and decide the "
-                             "postprocessing again (largest component, false-lesion filters), as nnU-Net's --val")
+                             "postprocessing again (largest component, false-lesion filters), as nnU-Net's --val; "
+                             "with several folds, on all their validation cases together. Training options need "
+                             "not be repeated")
     add_workdir_argument(parser)
     parser.set_defaults(func=run, interrupted="the checkpoint of the last finished epoch is kept: add --resume "
                                                 "to continue from it")

@@ -98,6 +98,15 @@ class CheckpointMixin:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def load_weights_for_validation(self, filename: str | Path) -> None:
+        """``--validation-only``: the network weights and mirroring axes of a checkpoint, none of its optimizer
+        state, so that predicting the validation fold again does not ask for the options that shaped training."""
+        checkpoint = read_checkpoint(filename, self.device, ("network_weights",))
+        self.model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()})
+        self.current_epoch = checkpoint.get("current_epoch", self.current_epoch)
+        axes = checkpoint.get("inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
+        self.inference_allowed_mirroring_axes = tuple(axes) if axes is not None else None
+
     def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
         if not self.was_initialized:
             self.initialize()

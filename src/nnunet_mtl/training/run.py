@@ -121,7 +121,7 @@ def train(dataset: str | int, plans: str = "default", fold: int | str = 0, devic
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
         if not final.is_file():
             raise FileNotFoundError(f"{final} not found: train the fold first")
-        trainer.load_checkpoint(str(final))
+        trainer.load_weights_for_validation(final)
         return {"output_folder": trainer.output_folder, "model_folder": trainer.output_folder_base,
                 "metrics": trainer.perform_actual_validation()}
     checkpoint = find_resume_checkpoint(trainer.output_folder) if resume else None
