@@ -195,6 +195,20 @@ def test_fusion_is_the_default_only_when_enough_held_out_cases_show_a_clear_gain
         == "cnn"
 
 
+
+def test_fusion_ahead_in_macro_f1_but_worse_in_nll_is_not_the_default():
+    """A gain in macro-F1 that comes with worse held-out probabilities is not taken (the rule's second half)."""
+    from nnunet_mtl.training.subtype_fit import choose_default_variant
+
+    better = {"cnn": {"macro_f1": 0.73, "nll": 0.58}, "fused": {"macro_f1": 0.78, "nll": 0.57}}
+    assert choose_default_variant(better, 60) == "fused"
+    assert choose_default_variant(better, 29) == "cnn"  # too few held-out cases
+    worse_nll = {"cnn": {"macro_f1": 0.73, "nll": 0.58}, "fused": {"macro_f1": 0.78, "nll": 0.81}}
+    assert choose_default_variant(worse_nll, 60) == "cnn"
+    small_gain = {"cnn": {"macro_f1": 0.73, "nll": 0.58}, "fused": {"macro_f1": 0.77, "nll": 0.50}}
+    assert choose_default_variant(small_gain, 60) == "cnn"
+
+
 def test_the_classifier_rests_on_the_training_and_validation_records_only(tmp_path):
     """What the model folder's records hold is all a fit sees: test labels cannot leak into it."""
     fold = tmp_path / "fold_0"
