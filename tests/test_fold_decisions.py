@@ -79,3 +79,33 @@ def test_a_fold_without_evidence_leaves_the_decision_alone(tmp_path):
     (tmp_path / "fold_2" / "validation" / EVIDENCE_FILE).unlink()
     assert decide_from_folds(tmp_path, ["1", "2"]) is None
     assert not (tmp_path / "postprocessing.json").exists()
+
+
+def test_training_several_folds_ends_with_the_pooled_decision(tmp_path, monkeypatch, capsys):
+    """train_folds' last step: after the folds (their training stood in for by writing the evidence a validation
+    writes) the decision in the model folder is the pooled one, and train_folds returns it."""
+    from types import SimpleNamespace
+
+    from nnunet_mtl.training import run, subtype_fit
+
+    folds = write_folds(tmp_path)
+    trained = []
+
+    def fake_train(dataset, plans, fold, device, settings, resume, initial_weights, validate, subtype_fit,
+                   validation_only):
+        trained.append((fold, subtype_fit))
+        postprocessing.write_decision(tmp_path, {"keep_largest_component": fold == "2"})  # each fold's own
+        return {"model_folder": str(tmp_path)}
+
+    fitted = SimpleNamespace(provenance={"source": "out-of-fold"}, save=lambda folder: None)
+    monkeypatch.setattr(run, "train", fake_train)
+    monkeypatch.setattr(run, "build_trainer", lambda *a, **k: SimpleNamespace(
+        output_folder=str(tmp_path / f"fold_{a[2]}"), subtype_names=["a", "b", "c"]))
+    monkeypatch.setattr(subtype_fit, "fit_from_model_folder", lambda *a, **k: fitted)
+    result = run.train_folds(1, "demo", ["1", "2"], "cpu")
+    assert trained == [("1", "none"), ("2", "none")]  # the classifier is fitted once, out-of-fold
+    stored = json.loads((tmp_path / "postprocessing.json").read_text())
+    assert stored["keep_largest_component"] is False and stored["cases"] == sum(map(len, folds.values()))
+    assert stored["lesion_filters"]["min_probability"] == 0.9
+    assert result["postprocessing"]["lesion_filters"]["folds"] == ["1", "2"]
+    assert "postprocessing over folds 1, 2 (5 validation cases)" in capsys.readouterr().out
