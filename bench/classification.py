@@ -20,6 +20,7 @@ Every stage is reused when its output exists, so a second run only scores (and a
 
   python bench/classification.py --workdir work_cls                       # train on A and B, test on A, B, C
   python bench/classification.py --workdir work_cls --train-sites A --test-sites A B C --n-test 150
+  python bench/classification.py --workdir work_cls --train-sites A --test-sites B A --folds 1 2 3 4 5  # ensemble
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="stop after training")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
+    if args.refit and args.folds != ["0"]:
+        parser.error("--refit refits from fold 0's training records; a cross-validation ensemble has none")
 
     os.environ.setdefault("nnUNet_def_n_proc", "2")
     os.environ.setdefault("nnUNet_n_proc_DA", "2")
