@@ -127,16 +127,17 @@ def mask_agreement(pred_dir: Path, reference_dir: Path) -> dict:
 
 def mean_dice(pred_dir: Path, reference_dir: Path) -> tuple[float, float]:
     """Case-mean whole-pancreas (label > 0) and lesion (label 2) Dice of ``pred_dir``'s masks against the masks of
-    ``reference_dir`` (the truth, or another mode's prediction)."""
+    ``reference_dir`` (the truth, or another mode's prediction), over the cases predicted: a truth folder may hold
+    more cases than ``--images``."""
     import numpy as np
     import SimpleITK as sitk
 
     from nnunet_mtl.evaluation.metrics import dice
 
     pancreas, lesion = [], []
-    for mask in sorted(reference_dir.glob("*.nii.gz")):
-        r = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
-        p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / mask.name)))
+    for predicted in sorted(pred_dir.glob("*.nii.gz")):
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))
+        r = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_dir / predicted.name)))
         pancreas.append(dice(p > 0, r > 0))
         lesion.append(dice(p == 2, r == 2))
     return float(np.mean(pancreas)), float(np.mean(lesion))
