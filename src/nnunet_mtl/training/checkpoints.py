@@ -102,8 +102,12 @@ class CheckpointMixin:
         """``--validation-only``: the network weights and mirroring axes of a checkpoint, none of its optimizer
         state, so that predicting the validation fold again does not ask for the options that shaped training."""
         checkpoint = read_checkpoint(filename, self.device, ("network_weights",))
-        self.model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()})
+        self._load_network(checkpoint)
         self.current_epoch = checkpoint.get("current_epoch", self.current_epoch)
+
+    def _load_network(self, checkpoint: dict) -> None:
+        """The weights (a DDP run's ``module.`` prefix dropped) and the mirroring axes the checkpoint predicts with."""
+        self.model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()})
         axes = checkpoint.get("inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
         self.inference_allowed_mirroring_axes = tuple(axes) if axes is not None else None
 
@@ -114,8 +118,7 @@ class CheckpointMixin:
         if not isinstance(checkpoint, dict):
             checkpoint = read_checkpoint(filename_or_checkpoint, self.device, RESUME_KEYS,
                                          hint=": move the damaged one away to resume from another")
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        self.model.load_state_dict(weights)
+        self._load_network(checkpoint)
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         logging = checkpoint["logging"]
@@ -124,10 +127,6 @@ class CheckpointMixin:
         self.logger.load_checkpoint(logging)
         self._best_ema = checkpoint["_best_ema"]
         self._best_combined = checkpoint.get("_best_combined")
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
-        if self.inference_allowed_mirroring_axes is not None:
-            self.inference_allowed_mirroring_axes = tuple(self.inference_allowed_mirroring_axes)
         saved_optimizer = checkpoint.get("optimizer_name", "sgd")
         if saved_optimizer != self.optimizer_name:
             raise ValueError(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'}"
