@@ -174,6 +174,47 @@ def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_mod
     assert tuple(logits.shape[1:]) == tuple(thin.shape[1:])
 
 
+def test_default_mode_mirrors_the_tiles_but_not_the_lesion_patch_unless_asked(tiny_model):
+    for mirrored_patch in (False, True):
+        predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(
+            tile_step_size=1.0, lesion_tile_mirroring=mirrored_patch))
+        predictor.network = _LesionAt()
+        patch = np.array(predictor.configuration_manager.patch_size)
+        image = torch.zeros(1, *patch)  # one tile
+        image[0, 2:4, 3:7, 3:7] = 5.0
+        n_mirrors = 2 ** len(predictor.allowed_mirroring_axes)
+        assert n_mirrors > 1
+        patch_passes = n_mirrors if mirrored_patch else 1
+        predictor.predict_with_current_weights(image)
+        assert predictor.network.calls == ["forward"] * n_mirrors + ["classify"] * patch_passes
+        (record,) = predictor.tile_records
+        assert record.logits.tolist() == patch.tolist() and record.lesion_voxels == 2 * 4 * 4
+        predictor.lesion_tile_attention = "tile"  # the patch's own whole-network pass follows the same setting
+        predictor.network.calls.clear()
+        predictor.predict_with_current_weights(image)
+        assert predictor.network.calls == ["forward"] * (n_mirrors + patch_passes)
+        assert predictor.use_mirroring  # restored for the next case's tiles
+
+
+@pytest.mark.parametrize("flags, mirrored_patch", [([], False), (["--lesion-tile-mirroring", "yes"], True),
+                                                    (["--fast", "--lesion-tile-mirroring", "yes"], True)])
+def test_the_lesion_tile_mirroring_option_reaches_the_prediction_mode(flags, mirrored_patch, monkeypatch, tmp_path):
+    import nnunet_mtl.inference.predict as predict_module
+
+    modes = []
+
+    def record_mode(*args, **kwargs):
+        modes.append(args[6])
+        return predict_module.PredictionReport()
+
+    monkeypatch.setattr(predict_module, "predict_folder", record_mode)
+    assert cli_main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path),
+                     "--device", "cpu", *flags]) == 0
+    (mode,) = modes
+    assert mode.lesion_tile_mirroring is mirrored_patch
+    assert mode.use_mirroring is ("--fast" not in flags)
+
+
 def test_tiled_prediction_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):
     predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode(use_mirroring=False, tile_step_size=1.0))
     predictor.network = _LesionAt()

@@ -26,7 +26,7 @@ writes into OUT:
 modes: default = nnU-Net's (Gaussian sliding window, step 0.5, mirroring). --fast = no mirroring, tile step 1.0,
 and on CPU crops of up to 8 patch volumes in a single pass padded to the network stride only (README: measured
 speed and accuracy). In every mode the subtype comes from one more patch-sized pass centred on the predicted lesion
-in the gland (--aggregation lesion_tile).
+in the gland (--aggregation lesion_tile), unmirrored unless --lesion-tile-mirroring yes.
 Largest-component postprocessing and the false-lesion filters (minimum lesion volume, minimum lesion probability,
 lesions outside the gland) follow the model's postprocessing.json (chosen on its validation fold) unless overridden.
 A run started again skips cases already finished (their masks are read again first; a damaged one is predicted
@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "on the predicted lesion in the gland; lesion_weighted = tile logits weighted by their "
                              "predicted lesion volume; mean = plain mean over tiles (a fast-mode single pass uses "
                              "the lesion patch with any choice); folds count equally")
+    parser.add_argument("--lesion-tile-mirroring", choices=["yes", "no"], default="no",
+                        help="also mirror the lesion-centred patch the subtype comes from (default mode: 8 encoder "
+                             "passes more per case, the cost of a whole crop of one tile; default no)")
     parser.add_argument("--classifier", choices=["cnn", "features", "fused"], default=None,
                         help="which subtype opinion to write: cnn = the network's head, features = the linear model "
                              "on the predicted lesion's radiomics, fused = both (log-probabilities weighted as the "
@@ -134,7 +137,8 @@ def run_predict(args: argparse.Namespace) -> int:
     largest = {"auto": None, "yes": True, "no": False}[args.largest_component]
     filters = _lesion_filters(args)
     options = {"largest_component": largest, "lesion_filters": filters, "classifier": args.classifier,
-               "engine": args.engine, "precision": args.precision, "resampler": args.resampler}
+               "engine": args.engine, "precision": args.precision, "resampler": args.resampler,
+               "lesion_tile_mirroring": args.lesion_tile_mirroring == "yes"}
     mode = PredictionMode.fast(args.aggregation, **options) if args.fast \
         else PredictionMode(aggregation=args.aggregation, **options)
     try:

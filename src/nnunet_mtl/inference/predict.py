@@ -73,6 +73,7 @@ class PredictionMode:
     engine: str = "torch"  # what runs the network: torch, openvino, onnxruntime or auto (inference/engines.py)
     precision: str = "fp32"  # fp32 or bf16 (CPUs with native bfloat16 only)
     lesion_tile_attention: str = "crop"  # the subtype patch attends to the crop's lesion ("tile": its own pass)
+    lesion_tile_mirroring: bool = False  # mirror the subtype patch too (8 encoder passes in default mode)
     resampler: str = "plans"  # "torch": nnU-Net's torch resampler on the device (inference/resampling.py)
 
     @classmethod
@@ -209,7 +210,8 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
                                    device=device, verbose=verbose, allow_tqdm=False,
                                    aggregation=mode.aggregation, single_pass_max_patches=mode.single_pass_max_patches,
                                    channels_last=mode.channels_last, engine=engine,
-                                   lesion_tile_attention=mode.lesion_tile_attention)
+                                   lesion_tile_attention=mode.lesion_tile_attention,
+                                   lesion_tile_mirroring=mode.lesion_tile_mirroring)
     predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     "nnUNetTrainerMTL", tuple(mirror_axes) if mirror_axes is not None else None)
     predictor.subtype_classifier = load_classifier(model_dir) if mode.classify else None

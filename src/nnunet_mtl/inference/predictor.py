@@ -94,7 +94,7 @@ class MultiTaskPredictor(nnUNetPredictor):
 
     def __init__(self, *args, aggregation: str = "lesion_tile", single_pass_max_patches: float = 0.0,
                  lesion_label: int = 2, channels_last: bool = False, engine: Engine | None = None,
-                 lesion_tile_attention: str = "crop", **kwargs):
+                 lesion_tile_attention: str = "crop", lesion_tile_mirroring: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
@@ -103,6 +103,8 @@ class MultiTaskPredictor(nnUNetPredictor):
                              f"choose one of {LESION_TILE_ATTENTION}")
         self.engine = engine if engine is not None else TorchEngine()
         self.lesion_tile_attention = lesion_tile_attention
+        # The lesion tile's subtype pass is mirrored only on request: see _classify_on_lesion_tile.
+        self.lesion_tile_mirroring = lesion_tile_mirroring
         self._weights_keys: dict[int, str] = {}
         self._loaded_parameters: dict | None = None  # the parameter set nnU-Net's fold loop last loaded
         self._labelled: tuple[weakref.ref, np.ndarray] | None = None  # (logits, their label map): see crop_labels
@@ -263,6 +265,11 @@ class MultiTaskPredictor(nnUNetPredictor):
         ``lesion_tile_attention="crop"`` (default): the encoder and head alone run on the patch, attending to the
         lesion probability of the pass already made over the crop, cropped to the patch; ``"tile"``: the whole
         network runs on the patch and its own decoder gives the attention (twice the work).
+
+        The patch is not mirrored unless ``lesion_tile_mirroring``: with nnU-Net's 8 mirrors, the patch's 8 encoder
+        passes cost as much as a whole crop of one tile and made default mode slower than stock nnU-Net at full
+        size (docs/measurements-real-scale.md); trainer validation uses the same setting, so the head's calibration
+        is fitted on the logits prediction gives.
         """
         centre = lesion_centre(self.crop_labels(logits), self.lesion_label)
         if centre is None:
@@ -274,8 +281,12 @@ class MultiTaskPredictor(nnUNetPredictor):
         tile = pad_nd_image(image[region], [int(p) for p in patch])[None].to(self.device)  # crops thinner than it
         del self.tile_records[first_record:]
         if self.lesion_tile_attention == "tile":
-            with self._autocast():
-                self._internal_maybe_mirror_and_predict(tile)
+            use_mirroring, self.use_mirroring = self.use_mirroring, self.use_mirroring and self.lesion_tile_mirroring
+            try:
+                with self._autocast():
+                    self._internal_maybe_mirror_and_predict(tile)
+            finally:
+                self.use_mirroring = use_mirroring
             return
         tile_logits = logits[region].float()
         lesion_voxels = float((labels_from_scores(tile_logits) == self.lesion_label).sum())
@@ -287,9 +298,10 @@ class MultiTaskPredictor(nnUNetPredictor):
             self.tile_records.append(TileRecord(row, lesion_voxels, self.fold_index))
 
     def _classify_mirrored(self, tile: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
-        """The engine's encoder-and-head pass, averaged over the same mirrors as the segmentation."""
+        """The engine's encoder-and-head pass; with ``lesion_tile_mirroring``, averaged over the segmentation's
+        mirrors."""
         logits = self.engine.classify(tile, probability)
-        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring and self.lesion_tile_mirroring else None
         if mirror_axes is None:
             return logits
         axes = [m + 2 for m in mirror_axes]

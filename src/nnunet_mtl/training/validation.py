@@ -59,7 +59,7 @@ class CaseValidationMixin:
         predictor = MultiTaskPredictor(tile_step_size=mode.tile_step_size, use_gaussian=True,
                                        use_mirroring=mode.use_mirroring,
                                        single_pass_max_patches=mode.single_pass_max_patches,
-                                       aggregation=mode.aggregation,
+                                       aggregation=mode.aggregation, lesion_tile_mirroring=mode.lesion_tile_mirroring,
                                        perform_everything_on_device=self.device.type == "cuda",
                                        device=self.device, verbose=False, allow_tqdm=False)
         predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
