@@ -84,9 +84,10 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
     trained = all((model / f"fold_{fold}" / "checkpoint_final.pth").is_file() for fold in folds)
     if not trained or not (model / "subtype_classifier.json").is_file():
         print(f"== train on site {site} {tag}", flush=True)
-        settings = TrainSettings(epochs=epochs, iterations=iterations, val_iterations=4, case_validation_every=epochs,
-                                 final_validation_fast=True, optimizer="adamw", mirror_augmentation=False,
-                                 max_rotation_degrees=15.0, cpu_bf16=cpu_has_fast_bf16(), **(extra or {}))
+        recipe = dict(epochs=epochs, iterations=iterations, val_iterations=4, case_validation_every=epochs,
+                      final_validation_fast=True, optimizer="adamw", mirror_augmentation=False,
+                      max_rotation_degrees=15.0, cpu_bf16=cpu_has_fast_bf16())
+        settings = TrainSettings(**{**recipe, **(extra or {})})  # an ablation may change the recipe's own settings
         started = time.perf_counter()
         if tuple(folds) == ("0",):
             train(dataset_id, plans, 0, "cpu", settings, resume=True)
@@ -318,6 +319,7 @@ ABLATIONS: dict[str, dict] = {
     "rerun": {},  # the baseline recipe trained again: how far training noise alone moves the numbers
     "thick_slices": {"thick_slice_mm": 4.0},  # half the patches as if on slices up to 4 mm (site A: about 2 mm)
     "lesion_contrast": {"lesion_contrast_augmentation": True},  # each lesion's contrast with the gland x0.35-1.1
+    "mirror": {"mirror_augmentation": True},  # nnU-Net's mirroring augmentation on (the demo recipe has it off)
 }
 
 

@@ -3,13 +3,15 @@
 Modes (each run in its own process, so peak memory is its own; rounds alternate the modes):
   stock     nnU-Net's own predictor, default settings (step 0.5, mirroring), segmentation only, predict_from_files
   default   ours, nnU-Net's settings, masks + subtype
+  default_mirrored_tile  default with the subtype's lesion tile mirrored too (8 encoder passes; the old default)
   fast      ours --fast, masks + subtype
   fast_seg  ours --fast with the classification head switched off (to price the subtype)
   floor     one forward pass of the network over each preprocessed crop (padded to the stride): the lower bound
 
-``--engines`` runs the ours modes (default, fast, fast_seg, floor) once per engine:precision (torch:fp32,
-torch:bf16, openvino:fp32, openvino:bf16, onnxruntime:fp32); stock is nnU-Net's own (torch fp32). Exports are made
-before timing starts (they happen once per checkpoint), compiling for each input shape is timed.
+``--engines`` runs the ours modes (default, default_mirrored_tile, fast, fast_seg, floor) once per
+engine:precision (torch:fp32, torch:bf16, openvino:fp32, openvino:bf16, onnxruntime:fp32); stock is nnU-Net's own
+(torch fp32). Exports are made before timing starts (they happen once per checkpoint), compiling for each input shape
+is timed.
 
 Prints seconds per case, ratios (to stock, to the same engine's floor, to fast with torch fp32), whole-pancreas and
 lesion Dice of each mode against the truth, the Dice between each fast mode's masks and those of fast torch fp32,
@@ -34,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("stock", "default", "fast", "fast_seg", "floor")
+MODES = ("stock", "default", "default_mirrored_tile", "fast", "fast_seg", "floor")
 ENGINE_VARIANTS = ("torch:fp32", "torch:bf16", "openvino:fp32", "openvino:bf16", "onnxruntime:fp32")
 REFERENCE = "fast@torch:fp32"
 
@@ -107,8 +109,9 @@ def run_mode(mode: str, model: Path, images: Path, out: Path, device: str, engin
     else:
         fast = mode.startswith("fast")
         # fast_seg: the same fast predictor with the head switched off, to price the subtype
+        # default_mirrored_tile: default mode with the subtype's lesion tile mirrored too (before 2026-12-01)
         prediction_mode = PredictionMode.fast(classify=mode != "fast_seg", **options) if fast \
-            else PredictionMode(**options)
+            else PredictionMode(lesion_tile_mirroring=mode == "default_mirrored_tile", **options)
         start = time.perf_counter()
         report = predict_folder(model, images, out, device=dev, mode=prediction_mode, overwrite=True,
                                 progress=False)
@@ -191,6 +194,8 @@ def main() -> None:
     for engine in {e for _, e, _ in variants}:
         for precision in {p for _, e, p in variants if e == engine}:
             prepare_exports(model, engine, precision)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="predict_speed_", dir=args.keep))
     timings: dict[str, list[float]] = {name[v]: [] for v in variants}
     peaks: dict[str, float] = {}
