@@ -122,25 +122,32 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.classifier_variant: str | None = None
 
     @torch.inference_mode()
-    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Replaces nnU-Net's version: same mirroring, but records the subtype logits of the tile too."""
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor, mirror: bool | None = None) -> torch.Tensor:
+        """Replaces nnU-Net's version: same mirroring, but records the subtype logits of the tile too.
+        ``mirror`` None: as nnU-Net (``use_mirroring``); the lesion tile passes its own setting."""
         if self.channels_last and x.ndim == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         segmentation, subtype_logits = self._forward(x)
-        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         n_passes = 1
-        if mirror_axes is not None:
-            axes = [m + 2 for m in mirror_axes]
-            for combination in (c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)):
-                seg_flipped, logits_flipped = self._forward(torch.flip(x, combination))
-                segmentation += torch.flip(seg_flipped, combination)
-                if subtype_logits is not None:
-                    subtype_logits += logits_flipped
-                n_passes += 1
+        for combination in self._flips(self.use_mirroring if mirror is None else mirror):
+            seg_flipped, logits_flipped = self._forward(torch.flip(x, combination))
+            segmentation += torch.flip(seg_flipped, combination)
+            if subtype_logits is not None:
+                subtype_logits += logits_flipped
+            n_passes += 1
+        if n_passes > 1:
             segmentation /= n_passes
         if subtype_logits is not None:
             self._record_tile(segmentation, subtype_logits / n_passes)
         return segmentation
+
+    def _flips(self, mirror: bool) -> list[tuple[int, ...]]:
+        """The tensor dimensions each mirrored pass flips (nnU-Net's combinations of the allowed axes); none
+        without mirroring."""
+        if not mirror or self.allowed_mirroring_axes is None:
+            return []
+        axes = [m + 2 for m in self.allowed_mirroring_axes]
+        return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(segmentation, subtype logits) from the engine; logits are None when the head is switched off."""
@@ -281,12 +288,8 @@ class MultiTaskPredictor(nnUNetPredictor):
         tile = pad_nd_image(image[region], [int(p) for p in patch])[None].to(self.device)  # crops thinner than it
         del self.tile_records[first_record:]
         if self.lesion_tile_attention == "tile":
-            use_mirroring, self.use_mirroring = self.use_mirroring, self.use_mirroring and self.lesion_tile_mirroring
-            try:
-                with self._autocast():
-                    self._internal_maybe_mirror_and_predict(tile)
-            finally:
-                self.use_mirroring = use_mirroring
+            with self._autocast():
+                self._internal_maybe_mirror_and_predict(tile, mirror=self.use_mirroring and self.lesion_tile_mirroring)
             return
         tile_logits = logits[region].float()
         lesion_voxels = float((labels_from_scores(tile_logits) == self.lesion_label).sum())
@@ -301,11 +304,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         """The engine's encoder-and-head pass; with ``lesion_tile_mirroring``, averaged over the segmentation's
         mirrors."""
         logits = self.engine.classify(tile, probability)
-        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring and self.lesion_tile_mirroring else None
-        if mirror_axes is None:
-            return logits
-        axes = [m + 2 for m in mirror_axes]
-        combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-        for combination in combinations:
+        flips = self._flips(self.use_mirroring and self.lesion_tile_mirroring)
+        for combination in flips:
             logits = logits + self.engine.classify(torch.flip(tile, combination), torch.flip(probability, combination))
-        return logits / (len(combinations) + 1)
+        return logits / (len(flips) + 1) if flips else logits
