@@ -320,6 +320,7 @@ ABLATIONS: dict[str, dict] = {
     "thick_slices": {"thick_slice_mm": 4.0},  # half the patches as if on slices up to 4 mm (site A: about 2 mm)
     "lesion_contrast": {"lesion_contrast_augmentation": True},  # each lesion's contrast with the gland x0.35-1.1
     "mirror": {"mirror_augmentation": True},  # nnU-Net's mirroring augmentation on (the demo recipe has it off)
+    "small_lesions": {"small_lesion_oversampling": 4.0},  # cases with a lesion under 1 ml drawn up to 4x as often
 }
 
 

@@ -16,7 +16,12 @@ from tiny import TINY_DATASET_ID, TINY_PLANS, TINY_TRAIN_PER_SUBTYPE
 
 from nnunet_mtl.cli import main as cli_main
 from nnunet_mtl.inference import lesion_filters
-from nnunet_mtl.training.dataloader import class_balanced_probabilities
+from nnunet_mtl.training.dataloader import (
+    SMALL_LESION_ML,
+    case_sampling_probabilities,
+    class_balanced_probabilities,
+    small_lesion_weights,
+)
 from nnunet_mtl.training.fold_decisions import load_evidence
 from nnunet_mtl.training.run import TrainSettings, apply_settings, build_trainer, find_resume_checkpoint, train
 
@@ -70,6 +75,55 @@ def test_class_balanced_probabilities_equalise_subtypes():
     p = class_balanced_probabilities(list(subtypes), subtypes)
     per_class = {c: p[[i for i, k in enumerate(subtypes) if subtypes[k] == c]].sum() for c in (0, 1, 2)}
     assert np.allclose(list(per_class.values()), 1 / 3) and np.isclose(p.sum(), 1)
+
+
+def test_small_lesion_weights_follow_the_documented_rule():
+    # no lesion, 0.05 ml, 0.2 ml, 0.5 ml, exactly 1 ml, 3 ml: min(factor, 1 ml / v) under 1 ml, else 1
+    volumes = [0.0, 0.05, 0.2, 0.5, 1.0, 3.0]
+    assert small_lesion_weights(volumes, 4.0).tolist() == [1.0, 4.0, 4.0, 2.0, 1.0, 1.0]
+    assert small_lesion_weights(volumes, 1.5).tolist() == [1.0, 1.5, 1.5, 1.5, 1.0, 1.0]
+    assert small_lesion_weights(volumes, 1.0).tolist() == [1.0] * 6
+    with pytest.raises(ValueError, match=">= 1"):
+        small_lesion_weights(volumes, 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        small_lesion_weights([0.1, -1.0], 4.0)
+
+
+def test_case_sampling_multiplies_class_balance_and_small_lesion_weights():
+    subtypes = {"a": 0, "b": 1, "c": 1, "d": 2}
+    ids = list(subtypes)
+    volumes = [0.25, 0.25, 2.0, 0.0]
+    assert case_sampling_probabilities(ids, subtypes, False) is None  # nnU-Net's uniform draw
+    # written out: class balance gives a 1/3, b and c 1/6 each, d 1/3; lesions give 4, 4, 1, 1
+    expected = np.array([1 / 3 * 4, 1 / 6 * 4, 1 / 6 * 1, 1 / 3 * 1])
+    p = case_sampling_probabilities(ids, subtypes, True, volumes, 4.0)
+    assert np.allclose(p, expected / expected.sum())
+    p = case_sampling_probabilities(ids, subtypes, False, volumes, 4.0)
+    assert np.allclose(p, np.array([4, 4, 1, 1]) / 10)
+    with pytest.raises(ValueError, match="one lesion volume per training case"):
+        case_sampling_probabilities(ids, subtypes, False, volumes[:2], 4.0)
+
+
+def test_small_lesion_oversampling_reaches_the_loader_with_each_cases_lesion_volume(tiny_env):
+    """The loader's draw probabilities, case by case, against lesion volumes counted independently on the raw masks
+    (SimpleITK, the cases' own spacing; the plans' resampling moves a volume by a few per cent)."""
+    import SimpleITK as sitk
+
+    factor = 50.0
+    trainer = make_trainer(small_lesion_oversampling=factor)
+    loader = trainer.get_dataloaders()[0].data_loader
+    drawn = dict(zip(loader.indices, loader.sampling_probabilities))
+    raw_ml = {}
+    for case in drawn:
+        mask = sitk.ReadImage(str(tiny_env["raw"] / "labelsTr" / f"{case}.nii.gz"))
+        raw_ml[case] = float((sitk.GetArrayFromImage(mask) == 2).sum()) * np.prod(mask.GetSpacing()) / 1000
+    expected = {k: min(factor, SMALL_LESION_ML / v) if 0 < v < SMALL_LESION_ML else 1.0 for k, v in raw_ml.items()}
+    total = sum(expected.values())
+    for case, p in drawn.items():
+        assert p == pytest.approx(expected[case] / total, rel=0.15), (case, raw_ml[case])
+    assert np.isclose(sum(drawn.values()), 1)
+    assert max(drawn.values()) > 1.5 * min(drawn.values())  # the volumes differ enough that uniform cannot pass
+    assert make_trainer().get_dataloaders()[0].data_loader.sampling_probabilities is None  # off by default
 
 
 def test_inverse_frequency_class_weights_follow_the_training_split(tiny_env):

@@ -99,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="centre foreground-forced patches on the lesion (default yes)")
     group.add_argument("--class-balanced", type=_bool, dest="class_balanced_sampling", metavar="yes|no",
                        help="sample cases so every subtype is seen equally often (default no)")
+    group.add_argument("--small-lesion-oversampling", type=float, metavar="F",
+                       help="draw training cases whose lesion is under 1 ml up to F times as often (1 / volume in ml, "
+                            "at most F; default 1: nnU-Net's uniform draw)")
     group.add_argument("--oversample-foreground", type=float, dest="oversample_foreground_percent",
                        help="share of patches forced to contain foreground (nnU-Net: 0.33)")
     group.add_argument("--lesion-patches-only", type=_bool, dest="subtype_loss_on_lesion_patches_only",
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         initial_lr=args.initial_lr, classification_loss_weight=args.classification_loss_weight,
         class_weighting=args.class_weighting, label_smoothing=args.label_smoothing,
         lesion_centred_sampling=args.lesion_centred_sampling, class_balanced_sampling=args.class_balanced_sampling,
+        small_lesion_oversampling=args.small_lesion_oversampling,
         oversample_foreground_percent=args.oversample_foreground_percent,
         case_validation_every=args.case_validation_every,
         final_validation_fast=args.final_validation_fast, frozen_parts=tuple(args.freeze),

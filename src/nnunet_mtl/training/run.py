@@ -29,6 +29,7 @@ class TrainSettings:
     label_smoothing: float | None = None
     lesion_centred_sampling: bool | None = None
     class_balanced_sampling: bool | None = None
+    small_lesion_oversampling: float | None = None
     oversample_foreground_percent: float | None = None
     case_validation_every: int | None = None
     final_validation_fast: bool | None = None

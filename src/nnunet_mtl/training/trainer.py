@@ -19,7 +19,8 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 - ``_build_loss``: nnU-Net's Dice + CE with deep supervision; optionally lesion voxels weigh
   ``lesion_loss_weight`` times more in the CE (issue 17: small lesions are a few dozen of a patch's voxels).
 - ``get_dataloaders``: nnU-Net hard-codes its loader class here; ours adds the subtype and lesion-centred patches,
-  and optionally scanner-shift intensity augmentation after nnU-Net's spatial transform (training/augmentation.py).
+  optionally per-case draw probabilities (subtype balance, small-lesion oversampling: training/dataloader.py), and
+  optionally scanner-shift intensity augmentation after nnU-Net's spatial transform (training/augmentation.py).
 - ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype);
   options: the subtype loss over patches that show lesion only, and the attention head attending to the true
   lesion while training. Opt-in (``cpu_bf16``): bfloat16 autocast on CPU, where nnU-Net uses none; 1.6x faster per
@@ -59,7 +60,7 @@ from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
 from nnunet_mtl.training.augmentation import with_intensity_augmentation, with_lesion_contrast, with_thick_slices
 from nnunet_mtl.training.checkpoints import CheckpointMixin, read_checkpoint, to_plain
-from nnunet_mtl.training.dataloader import MultiTaskDataLoader, class_balanced_probabilities
+from nnunet_mtl.training.dataloader import MultiTaskDataLoader, case_sampling_probabilities
 from nnunet_mtl.training.optim import ADAMW_DEFAULT_LR, OPTIMIZERS, build_optimizer
 from nnunet_mtl.training.validation import CaseValidationMixin, combined_score
 
@@ -91,6 +92,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         self.label_smoothing = 0.0
         self.lesion_centred_sampling = True
         self.class_balanced_sampling = False
+        self.small_lesion_oversampling = 1.0  # > 1: draw cases with a lesion under 1 ml up to this many times as often
         self.frozen_parts: tuple[str, ...] = ()
         self.head_lr_scale = 0.1
         # With the all-stage attention head: phantom test macro-F1 0.35-0.70 over seven runs (36 cases, README),
@@ -168,7 +170,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                f"CPU bfloat16 {self.cpu_bf16 and self.device.type == 'cpu'}, lesion CE weight "
                                f"{self.lesion_loss_weight}, intensity augmentation {self.intensity_augmentation}, "
                                f"thick slices up to {self.thick_slice_mm} mm, lesion contrast augmentation "
-                               f"{self.lesion_contrast_augmentation}")
+                               f"{self.lesion_contrast_augmentation}, small-lesion oversampling "
+                               f"{self.small_lesion_oversampling}")
 
     def _build_loss(self):
         """nnU-Net's loss; with ``lesion_loss_weight`` != 1 its cross-entropy weighs lesion voxels that much more."""
@@ -227,6 +230,21 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         return fresh
 
     # ------------------------------------------------------------------------------------------------- data
+    def _case_sampling(self, dataset, lesion_label: int | None) -> np.ndarray | None:
+        """Draw probabilities of the training cases (None: nnU-Net's uniform draw); lesion volumes are counted on the
+        preprocessed masks, at the plans' spacing, only when small-lesion oversampling asks for them."""
+        identifiers = list(dataset.identifiers)
+        volumes = None
+        if self.small_lesion_oversampling != 1.0 and lesion_label is not None:
+            voxel_ml = float(np.prod(self.configuration_manager.spacing)) / 1000.0
+            volumes = [float((np.asarray(dataset.load_case(k)[1][:]) == lesion_label).sum()) * voxel_ml
+                       for k in identifiers]
+            weights = dict(zip(identifiers, np.round(volumes, 3)))
+            self.print_to_log_file(f"small-lesion oversampling x{self.small_lesion_oversampling}: lesion ml {weights}")
+        factor = self.small_lesion_oversampling if volumes is not None else 1.0
+        return case_sampling_probabilities(identifiers, self.case_subtypes, self.class_balanced_sampling, volumes,
+                                           factor)
+
     def get_dataloaders(self):
         """nnU-Net's get_dataloaders with our loader class (nnU-Net hard-codes its own there)."""
         if self.dataset_class is None:
@@ -248,8 +266,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
                                                         foreground_labels=labels, regions=None, ignore_label=None)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         lesion_label = LESION_LABEL if LESION_LABEL in labels else None
-        sampling = class_balanced_probabilities(list(dataset_tr.identifiers), self.case_subtypes) \
-            if self.class_balanced_sampling else None
+        sampling = self._case_sampling(dataset_tr, lesion_label)
         common = dict(oversample_foreground_percent=self.oversample_foreground_percent, pad_sides=None,
                       probabilistic_oversampling=self.probabilistic_oversampling, case_subtypes=self.case_subtypes,
                       lesion_label=lesion_label, lesion_centred=self.lesion_centred_sampling)
