@@ -152,6 +152,10 @@ def test_engines_that_cannot_run_are_refused_by_name(monkeypatch):
         with pytest.raises(EngineUnavailable, match="natively"):
             check_engine(engine, "bf16", CPU)
     check_engine("torch", "fp32", CPU)  # always available
+    monkeypatch.setattr(engines, "cpu_has_fast_bf16", lambda: True)
+    check_engine("torch", "bf16", CPU)  # a CPU with native bfloat16 runs it
+    with pytest.raises(EngineUnavailable, match="'onnxruntime' runs fp32 only"):
+        check_engine("onnxruntime", "bf16", CPU)
 
 
 def test_predict_refuses_a_missing_engine_before_any_work(tiny_model, tiny_dataset, tmp_path, monkeypatch, capsys):

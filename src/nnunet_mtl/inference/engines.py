@@ -76,12 +76,13 @@ def check_engine(engine: str, precision: str, device: torch.device) -> None:
             raise EngineUnavailable(f"--precision {precision} is for CPU prediction; on {device.type} nnU-Net's "
                                     "own mixed precision runs (--precision fp32)")
         return
-    if precision == "bf16" and not cpu_has_fast_bf16():
-        raise EngineUnavailable("--precision bf16 needs a CPU that computes bfloat16 natively (AVX512-BF16 or "
-                                "AMX); this one would emulate it, slower than fp32: use --precision fp32")
+    # what the engine can never do is said before what this CPU cannot do, so the message is the same anywhere
     if precision == "bf16" and engine == "onnxruntime":
         raise EngineUnavailable("engine 'onnxruntime' runs fp32 only (its CPU provider computes no bfloat16 "
                                 "convolutions): use --precision fp32, or --engine openvino / torch for bf16")
+    if precision == "bf16" and not cpu_has_fast_bf16():
+        raise EngineUnavailable("--precision bf16 needs a CPU that computes bfloat16 natively (AVX512-BF16 or "
+                                "AMX); this one would emulate it, slower than fp32: use --precision fp32")
 
 
 # ---------------------------------------------------------------------------------------------------- keys
