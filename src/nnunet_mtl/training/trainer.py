@@ -239,8 +239,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             voxel_ml = float(np.prod(self.configuration_manager.spacing)) / 1000.0
             volumes = [float((np.asarray(dataset.load_case(k)[1][:]) == lesion_label).sum()) * voxel_ml
                        for k in identifiers]
-            weights = dict(zip(identifiers, np.round(volumes, 3)))
-            self.print_to_log_file(f"small-lesion oversampling x{self.small_lesion_oversampling}: lesion ml {weights}")
+            ml = {k: round(v, 3) for k, v in zip(identifiers, volumes)}
+            self.print_to_log_file(f"small-lesion oversampling x{self.small_lesion_oversampling}: lesion ml {ml}")
         factor = self.small_lesion_oversampling if volumes is not None else 1.0
         return case_sampling_probabilities(identifiers, self.case_subtypes, self.class_balanced_sampling, volumes,
                                            factor)
