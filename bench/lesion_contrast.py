@@ -7,6 +7,9 @@ site can be traced to lesions whose appearance the training site never showed (o
 lesions 25-50 HU above the gland, against 55-115 HU on site A).
 
   python bench/lesion_contrast.py --phantom work/phantom_B --evaluation work/eval_preds_A_on_B
+
+A second table gives detection, mean |contrast| and the contrast-to-noise ratio by lesion size (``--min-ml 0
+--max-ml inf`` for all lesions).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from scipy import ndimage
 
 RING_VOXELS = 3
 BANDS_HU = (-np.inf, -40.0, -15.0, 15.0, 50.0, np.inf)
+SIZES_ML = (0.0, 0.2, 1.0, 5.0, np.inf)  # issue 17's size bins
 
 
 def lesion_contrasts(phantom: Path, evaluation: Path, min_volume_ml: float, max_volume_ml: float) -> list[dict]:
@@ -50,8 +54,9 @@ def lesion_contrasts(phantom: Path, evaluation: Path, min_volume_ml: float, max_
             if near.sum() < 10:
                 near = gland
             contrast = float(image[mask].mean() - image[near].mean()) if near.any() else float("nan")
+            noise = float(image[near].std()) if near.any() else float("nan")
             rows.append({"case": case, "volume_ml": float(lesion["volume_ml"]), "status": lesion["status"],
-                         "contrast_hu": contrast})
+                         "contrast_hu": contrast, "cnr": abs(contrast) / noise if noise > 0 else float("nan")})
     return rows
 
 
@@ -72,6 +77,16 @@ def main() -> int:
         share = f"{found / len(band):.2f}" if band else "-"
         median = f"{np.median([r['volume_ml'] for r in band]):.2f}" if band else "-"
         print(f"{f'{low:g} to {high:g}':<22}{len(band):>9}{found:>10}{share:>8}{median:>11}")
+    print("by size; CNR = |contrast| / SD of the HU of that nearby gland")
+    print(f"{'size (ml)':<22}{'lesions':>9}{'detected':>10}{'|contrast| HU':>15}{'median CNR':>12}")
+    for low, high in zip(SIZES_ML[:-1], SIZES_ML[1:]):
+        size = [r for r in rows if low <= r["volume_ml"] < high]
+        if not size:
+            continue
+        found = sum(r["status"] == "detected" for r in size)
+        contrast = np.mean([abs(r["contrast_hu"]) for r in size])
+        print(f"{f'{low:g} to {high:g}':<22}{len(size):>9}{found:>10}{contrast:>15.1f}"
+              f"{np.nanmedian([r['cnr'] for r in size]):>12.2f}")
     return 0
 
 
