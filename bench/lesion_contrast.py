@@ -25,7 +25,6 @@ from scipy import ndimage
 
 RING_VOXELS = 3
 BANDS_HU = (-np.inf, -40.0, -15.0, 15.0, 50.0, np.inf)
-SIZES_ML = (0.0, 0.2, 1.0, 5.0, np.inf)  # issue 17's size bins
 
 
 def lesion_contrasts(phantom: Path, evaluation: Path, min_volume_ml: float, max_volume_ml: float) -> list[dict]:
@@ -53,8 +52,9 @@ def lesion_contrasts(phantom: Path, evaluation: Path, min_volume_ml: float, max_
             near = ndimage.binary_dilation(mask, ring) & gland
             if near.sum() < 10:
                 near = gland
-            contrast = float(image[mask].mean() - image[near].mean()) if near.any() else float("nan")
-            noise = float(image[near].std()) if near.any() else float("nan")
+            near_hu = image[near]
+            contrast = float(image[mask].mean() - near_hu.mean()) if near_hu.size else float("nan")
+            noise = float(near_hu.std()) if near_hu.size else float("nan")
             rows.append({"case": case, "volume_ml": float(lesion["volume_ml"]), "status": lesion["status"],
                          "contrast_hu": contrast, "cnr": abs(contrast) / noise if noise > 0 else float("nan")})
     return rows
@@ -79,7 +79,10 @@ def main() -> int:
         print(f"{f'{low:g} to {high:g}':<22}{len(band):>9}{found:>10}{share:>8}{median:>11}")
     print("by size; CNR = |contrast| / SD of the HU of that nearby gland")
     print(f"{'size (ml)':<22}{'lesions':>9}{'detected':>10}{'|contrast| HU':>15}{'median CNR':>12}")
-    for low, high in zip(SIZES_ML[:-1], SIZES_ML[1:]):
+    from nnunet_mtl.evaluation.lesions import DEFAULT_SIZE_BINS_ML
+
+    edges = (0.0, *DEFAULT_SIZE_BINS_ML, np.inf)  # the size bins `nnunet-mtl evaluate` reports
+    for low, high in zip(edges[:-1], edges[1:]):
         size = [r for r in rows if low <= r["volume_ml"] < high]
         if not size:
             continue
