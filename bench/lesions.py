@@ -23,8 +23,9 @@ Postprocessing settings scored on each variant (no prediction needed):
 Printed per setting: lesion-wise sensitivity by true-lesion size, sensitivity for lesions >= 0.1 ml, false-positive
 lesions per case, case-mean lesion Dice (the task's), mean Dice of detected lesions, each with a 95 % percentile
 bootstrap interval over cases, and the paired difference against ``today``. Also: where the false lesions sit
-(inside / border / outside the true gland) and how large they are, and the FROC operating points (thresholds chosen
-on this test set: optimistic, for orientation only).
+(inside / border / outside the true gland) and how large they are, the FROC operating points (thresholds chosen
+on this test set: optimistic, for orientation only), and why true lesions are missed, by size (a predicted lesion
+touches them with IoU <= 0.1, or none does; the peak lesion probability inside them).
 
   python bench/lesions.py --model MODEL --phantom work/test150 --cache work/bench_cache
 
@@ -263,6 +264,41 @@ def bootstrap(v: dict[str, np.ndarray], n_bins: int, reference: dict[str, np.nda
     return out
 
 
+def describe_missed_lesions(cases: list[CaseData], rows: list[dict], bins: list[tuple[float, float]],
+                            bin_names: list[str]) -> list[str]:
+    """Why true lesions are missed, by size: a missed lesion is either *touched* (a predicted lesion overlaps it,
+    but with IoU <= 0.1: too large or too small a blob) or *unseen*; for both, the peak lesion probability inside
+    it says whether the network saw it at all (>= 0.5: the argmax had it and postprocessing or matching lost it)."""
+    lines = []
+    for (lo, hi), name in zip(bins, bin_names):
+        found = touched = unseen = 0
+        peaks_missed, peaks_found = [], []
+        for c, r in zip(cases, rows):
+            truth_labels = None
+            for t in r["lesions"].truth:
+                if not lo <= t.volume_ml < hi:
+                    continue
+                if truth_labels is None:
+                    from nnunet_mtl.evaluation.lesions import label_components
+
+                    truth_labels, _ = label_components(c.truth == 2)
+                peak = float(c.lesion_probability[truth_labels == t.index].max())
+                if t.detected:
+                    found += 1
+                    peaks_found.append(peak)
+                    continue
+                touched += t.best_iou > 0
+                unseen += t.best_iou == 0
+                peaks_missed.append(peak)
+        missed = np.array(peaks_missed) if peaks_missed else np.array([np.nan])
+        seen = np.array(peaks_found) if peaks_found else np.array([np.nan])
+        lines.append(f"{name + ' ml':<12} found {found}, missed {touched + unseen} (touched {touched}, unseen "
+                     f"{unseen}); peak lesion probability inside: missed median {np.nanmedian(missed):.2f} "
+                     f"(>= 0.5: {int((missed >= 0.5).sum())}, 0.2-0.5: {int(((missed >= 0.2) & (missed < 0.5)).sum())}"
+                     f", < 0.2: {int((missed < 0.2).sum())}), found median {np.nanmedian(seen):.2f}")
+    return lines
+
+
 def describe_false_lesions(rows: list[dict], edges=(0.01, 0.05, 0.2)) -> str:
     false = [p for r in rows for p in r["lesions"].predicted if p.false_positive]
     bounds = [0.0, *edges, float("inf")]
@@ -387,6 +423,10 @@ def main() -> int:
                   + ", ".join(f"{p['sensitivity']:.3f} at {p['fp_per_case']:.2f} FP/case (score >= {p['threshold']})"
                               for p in points_t))
             report["variants"][variant][f"froc_threshold_{t:g}"] = points_t
+        print("missed true lesions by size, the validation's choice of postprocessing:")
+        chosen_rows = score(cases, keep_largest, chosen)
+        for line in describe_missed_lesions(cases, chosen_rows, bins, bin_names):
+            print("  " + line)
         missed = sorted(t.volume_ml for r in today_rows for t in r["lesions"].truth if not t.detected)
         print(f"missed true lesions (ml): {[round(v, 3) for v in missed]}")
         report["variants"][variant]["froc"] = points
