@@ -423,10 +423,11 @@ def main() -> int:
                   + ", ".join(f"{p['sensitivity']:.3f} at {p['fp_per_case']:.2f} FP/case (score >= {p['threshold']})"
                               for p in points_t))
             report["variants"][variant][f"froc_threshold_{t:g}"] = points_t
-        print("missed true lesions by size, the validation's choice of postprocessing:")
-        chosen_rows = score(cases, keep_largest, chosen)
-        for line in describe_missed_lesions(cases, chosen_rows, bins, bin_names):
-            print("  " + line)
+        for title, missed_rows in (("no postprocessing", raw_rows),
+                                   ("the validation's choice of postprocessing", score(cases, keep_largest, chosen))):
+            print(f"missed true lesions by size, {title}:")
+            for line in describe_missed_lesions(cases, missed_rows, bins, bin_names):
+                print("  " + line)
         missed = sorted(t.volume_ml for r in today_rows for t in r["lesions"].truth if not t.detected)
         print(f"missed true lesions (ml): {[round(v, 3) for v in missed]}")
         report["variants"][variant]["froc"] = points
