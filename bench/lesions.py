@@ -269,33 +269,29 @@ def describe_missed_lesions(cases: list[CaseData], rows: list[dict], bins: list[
     """Why true lesions are missed, by size: a missed lesion is either *touched* (a predicted lesion overlaps it,
     but with IoU <= 0.1: too large or too small a blob) or *unseen*; for both, the peak lesion probability inside
     it says whether the network saw it at all (>= 0.5: the argmax had it and postprocessing or matching lost it)."""
+    from scipy import ndimage
+
+    from nnunet_mtl.evaluation.lesions import label_components
+
+    lesions = []  # (volume ml, detected, best IoU, peak lesion probability inside) of every true lesion
+    for c, r in zip(cases, rows):
+        if not r["lesions"].truth:
+            continue
+        truth_labels, n = label_components(c.truth == 2)  # the numbering match_case gave its true lesions
+        peaks = ndimage.maximum(c.lesion_probability.astype(np.float32), truth_labels, np.arange(1, n + 1))
+        lesions += [(t.volume_ml, t.detected, t.best_iou, float(peaks[t.index - 1])) for t in r["lesions"].truth]
     lines = []
     for (lo, hi), name in zip(bins, bin_names):
-        found = touched = unseen = 0
-        peaks_missed, peaks_found = [], []
-        for c, r in zip(cases, rows):
-            truth_labels = None
-            for t in r["lesions"].truth:
-                if not lo <= t.volume_ml < hi:
-                    continue
-                if truth_labels is None:
-                    from nnunet_mtl.evaluation.lesions import label_components
-
-                    truth_labels, _ = label_components(c.truth == 2)
-                peak = float(c.lesion_probability[truth_labels == t.index].max())
-                if t.detected:
-                    found += 1
-                    peaks_found.append(peak)
-                    continue
-                touched += t.best_iou > 0
-                unseen += t.best_iou == 0
-                peaks_missed.append(peak)
-        missed = np.array(peaks_missed) if peaks_missed else np.array([np.nan])
-        seen = np.array(peaks_found) if peaks_found else np.array([np.nan])
-        lines.append(f"{name + ' ml':<12} found {found}, missed {touched + unseen} (touched {touched}, unseen "
-                     f"{unseen}); peak lesion probability inside: missed median {np.nanmedian(missed):.2f} "
-                     f"(>= 0.5: {int((missed >= 0.5).sum())}, 0.2-0.5: {int(((missed >= 0.2) & (missed < 0.5)).sum())}"
-                     f", < 0.2: {int((missed < 0.2).sum())}), found median {np.nanmedian(seen):.2f}")
+        in_bin = [lesion for lesion in lesions if lo <= lesion[0] < hi]
+        missed = np.array([peak for _, found, _, peak in in_bin if not found] or [np.nan])
+        seen = np.array([peak for _, found, _, peak in in_bin if found] or [np.nan])
+        touched = sum(not found and iou > 0 for _, found, iou, _ in in_bin)
+        unseen = sum(not found and iou == 0 for _, found, iou, _ in in_bin)
+        lines.append(f"{name + ' ml':<12} found {len(in_bin) - touched - unseen}, missed {touched + unseen} (touched "
+                     f"{touched}, unseen {unseen}); peak lesion probability inside: missed median "
+                     f"{np.nanmedian(missed):.2f} (>= 0.5: {int((missed >= 0.5).sum())}, 0.2-0.5: "
+                     f"{int(((missed >= 0.2) & (missed < 0.5)).sum())}, < 0.2: {int((missed < 0.2).sum())}), found "
+                     f"median {np.nanmedian(seen):.2f}")
     return lines
 
 
@@ -391,6 +387,8 @@ def main() -> int:
             if name.startswith("today"):
                 reference = vectors
                 today_rows = rows
+            if name.startswith("validation's choice"):
+                chosen_rows = rows
             stats = bootstrap(vectors, len(bins), reference if not name.startswith(("raw", "today")) else None,
                               args.bootstrap, args.seed)
             counts = [f"{int(vectors[f'found_{k}'].sum())}/{int(vectors[f'total_{k}'].sum())}"
@@ -424,7 +422,7 @@ def main() -> int:
                               for p in points_t))
             report["variants"][variant][f"froc_threshold_{t:g}"] = points_t
         for title, missed_rows in (("no postprocessing", raw_rows),
-                                   ("the validation's choice of postprocessing", score(cases, keep_largest, chosen))):
+                                   ("the validation's choice of postprocessing", chosen_rows)):
             print(f"missed true lesions by size, {title}:")
             for line in describe_missed_lesions(cases, missed_rows, bins, bin_names):
                 print("  " + line)
