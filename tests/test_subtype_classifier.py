@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from nnunet_mtl.model.lesion_features import image_in_hu, lesion_features, select_lesion, shell_around
+from nnunet_mtl.model.lesion_features import (
+    image_in_hu,
+    lesion_features,
+    relative_features,
+    select_lesion,
+    shell_around,
+)
 from nnunet_mtl.model.subtype_classifier import (
     SubtypeClassifier,
     fit_linear,
@@ -59,6 +65,35 @@ def test_first_order_features_equal_an_independent_computation():
     assert features["contrast.stat_mean"] == pytest.approx(values.mean() - shell_mean, abs=1e-3)
     assert features["lesion.log_volume_ml"] == pytest.approx(np.log(lesion.sum() * 2.0 / 1000), abs=1e-9)
     assert any(k.startswith("lesion.szm_") for k in features) and any(k.startswith("lesion.rlm_") for k in features)
+
+
+def test_relative_features_equal_an_independent_computation():
+    image, labels = gland_with_lesion(3, lesion_hu=40.0, parenchyma_hu=110.0)
+    features = lesion_features(image, labels, SPACING)
+    lesion = select_lesion(labels)
+    values = np.rint(image[lesion]).astype(float)
+    shell = np.rint(image[shell_around(lesion, labels, SPACING)]).astype(float)
+    assert features["relative.mean_contrast"] == pytest.approx((values.mean() - shell.mean()) / shell.mean(), abs=1e-4)
+    assert features["relative.sd_ratio"] == pytest.approx(values.std() / shell.std(), rel=1e-4)
+    # IBSI's 10th and 90th percentiles are numpy's linear ones on the rounded intensities
+    assert features["relative.p10"] == pytest.approx(np.percentile(values, 10) / shell.mean(), abs=1e-4)
+    assert features["relative.p90"] == pytest.approx(np.percentile(values, 90) / shell.mean(), abs=1e-4)
+
+
+def test_relative_features_ignore_a_change_of_enhancement_that_moves_absolute_hu():
+    """Contrast timing scales enhancement: the absolute mean moves by tens of HU, the relative features barely."""
+    image, labels = gland_with_lesion(4, lesion_hu=40.0, parenchyma_hu=110.0)
+    early, late = lesion_features(image, labels, SPACING), lesion_features(image * 0.7, labels, SPACING)
+    assert abs(early["lesion.stat_mean"] - late["lesion.stat_mean"]) > 10
+    for name in ("relative.mean_contrast", "relative.p10", "relative.p90", "relative.sd_ratio"):
+        assert late[name] == pytest.approx(early[name], rel=0.02, abs=0.01), name
+
+
+def test_relative_features_are_missing_without_an_enhancing_shell():
+    base = {"lesion.stat_mean": 30.0, "lesion.stat_p10": 20.0, "lesion.stat_p90": 40.0, "lesion.stat_var": 64.0}
+    assert all(np.isnan(v) for v in relative_features(base).values())  # no shell at all
+    watery = relative_features({**base, "shell.stat_mean": 5.0, "shell.stat_var": 16.0})
+    assert np.isnan(watery["relative.mean_contrast"]) and watery["relative.sd_ratio"] == pytest.approx(2.0)
 
 
 def test_shell_lies_in_the_gland_within_its_distance():
@@ -207,6 +242,35 @@ def test_fusion_ahead_in_macro_f1_but_worse_in_nll_is_not_the_default():
     assert choose_default_variant(worse_nll, 60) == "cnn"
     small_gain = {"cnn": {"macro_f1": 0.73, "nll": 0.58}, "fused": {"macro_f1": 0.77, "nll": 0.50}}
     assert choose_default_variant(small_gain, 60) == "cnn"
+
+
+def test_the_relative_feature_set_fits_on_relative_features_only_even_from_older_records():
+    """`--feature-set relative`: the feature model sees only ratios to the parenchyma and the histogram's shape;
+    records stored before the relative features existed get them derived, and predict supplies them by name."""
+    rng = np.random.default_rng(5)
+
+    def record(i: int, with_relative: bool) -> dict:
+        k = i % 3
+        shell = float(rng.uniform(70, 130))  # the scan's enhancement level varies, the lesion's ratio to it not
+        mean = shell * (0.4, 0.1, 1.5)[k] + rng.normal(0, 3)
+        features = {"lesion.stat_mean": mean, "lesion.stat_p10": mean - 10, "lesion.stat_p90": mean + 10,
+                    "lesion.stat_var": 100.0, "lesion.stat_skew": float(rng.normal()), "lesion.stat_kurt": 0.0,
+                    "lesion.ih_mean_fbs_w25.0": mean / 25, "shell.stat_mean": shell, "shell.stat_var": 100.0}
+        if with_relative:
+            features.update(relative_features(features))
+        return {"case": f"c{i}", "subtype": k, "fold_logits": [[0.0, 0.0, 0.0]], "features": features}
+
+    old = [record(i, False) for i in range(30)]
+    held = [record(100 + i, True) for i in range(12)]
+    fitted = fit_classifier(old, held, ["a", "b", "c"], feature_set="relative")
+    names = fitted.feature_model.feature_names
+    assert names and all(n.startswith(("relative.", "lesion.stat_skew", "lesion.stat_kurt")) for n in names)
+    assert "relative.mean_contrast" in names and fitted.provenance["feature_set"] == "relative"
+    assert fitted.validation["features"]["macro_f1"] == 1.0
+    everything = fit_classifier(old, held, ["a", "b", "c"])
+    assert "lesion.ih_mean_fbs_w25.0" in everything.feature_model.feature_names
+    with pytest.raises(ValueError, match="feature set"):
+        fit_classifier(old, held, ["a", "b", "c"], feature_set="texture")
 
 
 def test_the_classifier_rests_on_the_training_and_validation_records_only(tmp_path):

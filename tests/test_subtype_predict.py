@@ -104,10 +104,11 @@ def test_fit_classifier_command_refits_from_the_stored_records(tiny_model, tmp_p
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     (model / "subtype_classifier.json").unlink()
-    assert cli_main(["fit-classifier", str(model), "--feature-model", "logistic"]) == 0
+    assert cli_main(["fit-classifier", str(model), "--feature-model", "logistic", "--feature-set", "relative"]) == 0
     refitted = load_classifier(model)
     names = json.loads((model / "dataset.json").read_text())["subtype_names"]
-    direct = fit_from_model_folder(model, [names[str(i)] for i in range(len(names))], None, "logistic")
+    direct = fit_from_model_folder(model, [names[str(i)] for i in range(len(names))], None, "logistic", "relative")
+    assert refitted.provenance["feature_set"] == "relative"
     records = json.loads((model / "fold_0" / "subtype_records.json").read_text())
     assert refitted.provenance == direct.provenance
     assert refitted.provenance["heldout_cases"] == len(records["validation"])

@@ -115,6 +115,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--feature-model", choices=["lda", "logistic"], dest="feature_model_kind",
                        help="linear model of the subtype classifier's feature branch: shrinkage LDA (default) or "
                             "logistic regression (C by cross-validation)")
+    group.add_argument("--feature-set", choices=["all", "relative"], dest="feature_set",
+                       help="features of the feature branch: all radiomics (default), or only those relative to the "
+                            "parenchyma around the lesion (ratios to it, HU histogram shape), which a change of "
+                            "scanner or contrast timing moves less")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations, the first and last epoch always "
                             "included (default 10: under 10 %% of a full-size epoch on a GPU)")
@@ -154,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         mirror_augmentation=args.mirror_augmentation, intensity_augmentation=args.intensity_augmentation,
         thick_slice_mm=args.thick_slice_mm, lesion_contrast_augmentation=args.lesion_contrast_augmentation,
         max_rotation_degrees=args.max_rotation_degrees,
-        feature_model_kind=args.feature_model_kind, lesion_loss_weight=args.lesion_loss_weight)
+        feature_model_kind=args.feature_model_kind, feature_set=args.feature_set,
+        lesion_loss_weight=args.lesion_loss_weight)
     try:
         result = train_folds(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
                              initial_weights=args.initial_weights, validate=not args.no_validation,
@@ -178,6 +183,7 @@ def register_fit_classifier(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="trained model folder")
     parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds whose records to use (default: all)")
     parser.add_argument("--feature-model", choices=["lda", "logistic"], default="lda")
+    parser.add_argument("--feature-set", choices=["all", "relative"], default="all")
     parser.set_defaults(func=run_fit_classifier)
 
 
@@ -194,7 +200,7 @@ def run_fit_classifier(args: argparse.Namespace) -> int:
         raise CliError(f"{dataset_json} has no subtype_names")
     try:
         classifier = fit_from_model_folder(args.model, [names[str(i)] for i in range(len(names))], args.folds,
-                                           args.feature_model)
+                                           args.feature_model, args.feature_set)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     path = classifier.save(args.model)

@@ -44,6 +44,7 @@ class TrainSettings:
     lesion_contrast_augmentation: bool | None = None
     max_rotation_degrees: float | None = None
     feature_model_kind: str | None = None
+    feature_set: str | None = None
     head_lr_scale: float | None = None
     lesion_loss_weight: float | None = None
     frozen_parts: tuple[str, ...] = field(default_factory=tuple)
@@ -166,7 +167,8 @@ def train_folds(dataset: str | int, plans: str = "default", folds: list[str] | t
     if several and validate and model_folder is not None:
         names = build_trainer(dataset, plans, folds[0], device).subtype_names
         kind = (settings.feature_model_kind if settings else None) or "lda"
-        fitted = fit_from_model_folder(model_folder, names, [str(f) for f in folds], kind)
+        feature_set = (settings.feature_set if settings else None) or "all"
+        fitted = fit_from_model_folder(model_folder, names, [str(f) for f in folds], kind, feature_set)
         fitted.save(model_folder)
         classifier = fitted.provenance
         print(f"subtype classifier fitted: {fitted.provenance}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_mtl.model.lesion_features import select_features
 from nnunet_mtl.model.subtype_classifier import (
     FUSION_GRID,
     SubtypeClassifier,
@@ -91,21 +92,30 @@ def _cnn_logits(record: dict) -> np.ndarray:
     return np.mean(np.asarray(record["fold_logits"], float), axis=0)
 
 
+def with_feature_set(records: list[dict], feature_set: str) -> list[dict]:
+    """The records with only the features of ``feature_set`` (lesion_features.FEATURE_SETS)."""
+    return [{**r, "features": select_features(r["features"], feature_set)} if r.get("features") else r
+            for r in records]
+
+
 def fit_classifier(fit_rows: list[dict], heldout: list[dict], class_names: list[str], kind: str = "lda",
-                   source: str = "", feature_heldout_logits: np.ndarray | None = None) -> SubtypeClassifier:
+                   source: str = "", feature_heldout_logits: np.ndarray | None = None,
+                   feature_set: str = "all") -> SubtypeClassifier:
     """Fit the feature model on ``fit_rows`` (records with features) and calibrate and fuse on ``heldout``.
 
     ``feature_heldout_logits``: the feature model's logits for the held-out records when they come from elsewhere
     (out-of-fold fitting passes its cross-validated logits, since there the held-out cases are the fitted ones).
+    ``feature_set``: which features the feature model uses (its names are stored with it, so predict follows).
     """
     n = len(class_names)
+    fit_rows, heldout = with_feature_set(fit_rows, feature_set), with_feature_set(heldout, feature_set)
     with_features = [r for r in fit_rows if r.get("features")]
     classifier = SubtypeClassifier(list(class_names))
     y_held = np.array([r["subtype"] for r in heldout], int)
     cnn = np.array([_cnn_logits(r) for r in heldout]).reshape(len(heldout), n)
     classifier.cnn_temperature = fit_temperature(cnn, y_held, minimum=1.0) if len(heldout) else 1.0
     cnn_log = log_softmax(cnn / classifier.cnn_temperature)
-    provenance = {"source": source, "feature_model": kind, "heldout_cases": len(heldout),
+    provenance = {"source": source, "feature_model": kind, "feature_set": feature_set, "heldout_cases": len(heldout),
                   "feature_fit_cases": len(with_features), "cnn_temperature_cases": len(heldout)}
     validation = {"cnn_raw": variant_metrics(y_held, softmax(cnn), n) if len(heldout) else None,
                   "cnn": variant_metrics(y_held, np.exp(cnn_log), n) if len(heldout) else None}
@@ -167,7 +177,7 @@ def choose_default_variant(validation: dict, n_heldout: int) -> str:
 
 
 def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequence[str] | None = None,
-                          kind: str = "lda") -> SubtypeClassifier:
+                          kind: str = "lda", feature_set: str = "all") -> SubtypeClassifier:
     """Fit from the records the model folder's folds wrote: out-of-fold when several folds' validation cases cover
     their training cases, else from one fold's training and validation records."""
     model_dir = Path(model_dir)
@@ -179,7 +189,7 @@ def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequen
     cross_validation = [k for k in found if k != "fold_0"]
     if len(cross_validation) >= 2:  # out-of-fold: every case once, from the fold that held it out
         oof = {r["case"]: r for k in cross_validation for r in found[k]["validation"]}
-        records = [oof[c] for c in sorted(oof)]
+        records = with_feature_set([oof[c] for c in sorted(oof)], feature_set)
         with_features = [r for r in records if r.get("features")]
         y = [r["subtype"] for r in with_features]
         enough = np.bincount(y, minlength=len(class_names)).min() >= MIN_CASES_PER_CLASS if y else False
@@ -193,7 +203,7 @@ def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequen
                 feature_logits[index[id(r)]] = logits
         return fit_classifier(records, records, class_names, kind,
                               f"out-of-fold predictions of {len(cross_validation)} cross-validation folds "
-                              f"({', '.join(sorted(cross_validation))})", feature_logits)
+                              f"({', '.join(sorted(cross_validation))})", feature_logits, feature_set)
     name = "fold_0" if "fold_0" in found else sorted(found)[0]
     records = found[name]
     if not records.get("train"):
@@ -201,4 +211,4 @@ def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequen
     return fit_classifier(records["train"], records["validation"], class_names, kind,
                           f"{name}: feature model on its {len(records['train'])} training cases (as its final "
                           f"weights segment them), calibration and fusion on its {len(records['validation'])} "
-                          "validation cases")
+                          "validation cases", feature_set=feature_set)

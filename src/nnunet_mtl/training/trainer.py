@@ -117,6 +117,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         # the out-of-fold fit after all cross-validation folds (train --folds ...)
         self.subtype_fit = "fold"
         self.feature_model_kind = "lda"
+        self.feature_set = "all"
         self.save_every = 1
         self.classification_loss: nn.Module | None = None
         self._best_combined: float | None = None

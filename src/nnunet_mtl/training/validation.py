@@ -213,7 +213,7 @@ class CaseValidationMixin:
                 started = time()
                 save_records(fold_dir, "train", self.training_case_records())
                 classifier = fit_from_model_folder(model_dir, self.subtype_names, [str(self.fold)],
-                                                   self.feature_model_kind)
+                                                   self.feature_model_kind, self.feature_set)
                 classifier.save(model_dir)
                 self.print_to_log_file(f"subtype classifier fitted in {time() - started:.1f} s: "
                                        f"{json.dumps(classifier.provenance)}")
