@@ -179,6 +179,14 @@ def moments_of(features: dict | None) -> list[float] | None:
     return [features["lesion.stat_mean"], float(np.sqrt(max(features["lesion.stat_var"], 0.0)))]
 
 
+def subset_of(features: dict, prefixes: tuple[str, ...]) -> dict:
+    """The features whose names start with one of ``prefixes`` (records made before the ``relative.*`` features
+    existed get them derived, as the product's fit does)."""
+    from nnunet_mtl.model.lesion_features import select_features
+
+    return {k: v for k, v in select_features(features, "all").items() if k.startswith(prefixes)}
+
+
 def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path, refits: list[str],
                true_moments_cache: dict) -> dict[str, dict]:
     from nnunet_mtl.inference.outputs import read_details
@@ -213,22 +221,20 @@ def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path
             def keep(r, prefixes=prefixes):
                 if not r.get("features"):
                     return r
-                return {**r, "features": {k: v for k, v in r["features"].items() if k.startswith(prefixes)}}
+                return {**r, "features": subset_of(r["features"], prefixes)}
 
             fit, held = [keep(r) for r in fit], [keep(r) for r in held]
         classifier = fit_classifier(fit, held, names, feature_kind, "bench refit")
-        rows = []
+        rows, fused = [], []
         for c in cases:
             features = details[c]["features"]
             if features and subset:
-                features = {k: v for k, v in features.items() if k.startswith(prefixes)}
+                features = subset_of(features, prefixes)
             got = classifier.probabilities(details[c]["fold_logits"], features)
             rows.append(got.get("features", got["cnn"]))
+            fused.append(got.get("fused", got["cnn"]))
         variants[f"refit:{kind}:features"] = np.array(rows)
-        variants[f"refit:{kind}:fused(w={classifier.fusion_weight})"] = np.array(
-            [classifier.probabilities(details[c]["fold_logits"], details[c]["features"] if not subset else
-                                      {k: v for k, v in (details[c]["features"] or {}).items()
-                                       if k.startswith(prefixes)} or None)["fused"] for c in cases])
+        variants[f"refit:{kind}:fused(w={classifier.fusion_weight})"] = np.array(fused)
     # the two-feature intensity model, on true and on predicted lesions
     key = str(phantom_train)
     if key not in true_moments_cache:
@@ -251,8 +257,26 @@ def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path
     for name, p in variants.items():
         results[name] = {"macro_f1": bootstrap(y, p, macro_f1), "balanced_accuracy": bootstrap(y, p, balanced_accuracy),
                          "ece": bootstrap(y, p, ece), "n": len(y),
-                         "found_right": f"{int(((p.argmax(1) == y) & found).sum())}/{int(found.sum())}"}
+                         "found_right": f"{int(((p.argmax(1) == y) & found).sum())}/{int(found.sum())}",
+                         "y": y.tolist(), "probabilities": p.tolist()}
     return results
+
+
+def paired_difference(first: dict, second: dict, statistic, n: int = BOOTSTRAP, seed: int = 0):
+    """(second - first, 2.5 %, 97.5 %) of ``statistic`` over the same resampled cases (one training: cases only)."""
+    y, p, q = np.array(first["y"]), np.array(first["probabilities"]), np.array(second["probabilities"])
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        samples.append(statistic(y[idx], q[idx]) - statistic(y[idx], p[idx]))
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return statistic(y, q) - statistic(y, p), float(low), float(high)
+
+
+def variant_named(variants: dict, name: str) -> dict | None:
+    """A variant by its name or the start of it (refits carry their fusion weight: ``refit:lda:fused(w=0.3)``)."""
+    return variants.get(name) or next((v for k, v in variants.items() if k.startswith(name)), None)
 
 
 def main() -> None:
@@ -276,6 +300,9 @@ def main() -> None:
                         help="train these folds (default 0, the published split); several, e.g. 1 2 3 4 5: the "
                              "cross-validation ensemble, tagged _cv<n>, predicting with all of them")
     parser.add_argument("--train-only", action="store_true", help="stop after training")
+    parser.add_argument("--paired", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                        help="also print SECOND - FIRST (variant names, or their start) with a paired bootstrap over "
+                             "the same cases; repeatable")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
     if args.refit and args.folds != ["0"]:
@@ -307,6 +334,15 @@ def main() -> None:
                             for k in ("macro_f1", "balanced_accuracy", "ece"))
             print(f"{pair:<14}{name:<34}{cells}{r['found_right']:>13}")
         print()
+    for first, second in args.paired:
+        print(f"paired: {second} - {first} (same cases, {BOOTSTRAP} resamples)")
+        for pair, variants in table.items():
+            a, b = variant_named(variants, first), variant_named(variants, second)
+            if a and b:
+                differences = (("macro-F1", paired_difference(a, b, macro_f1)), ("ECE", paired_difference(a, b, ece)))
+                cells = "   ".join(f"{label} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for label, (d, lo, hi) in differences)
+                print(f"  {pair:<14}{cells}")
+        print()
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
 
@@ -323,6 +359,7 @@ ABLATIONS: dict[str, dict] = {
     "small_lesions": {"small_lesion_oversampling": 4.0},  # cases with a lesion under 1 ml drawn up to 4x as often
     "lesion_weight": {"lesion_loss_weight": 3.0},  # lesion voxels weigh 3x in the segmentation cross-entropy
     "long": {"epochs": 80},  # the demo recipe trained 2.5x as long: what the demo's short budget costs
+    "long_small_lesions": {"epochs": 80, "small_lesion_oversampling": 4.0},  # both, at the longer budget
 }
 
 
