@@ -293,6 +293,28 @@ def test_choice_reaches_the_strict_end_of_the_grid_only_when_found_lesions_are_n
         assert decision["validation"]["chosen"]["detected"] == 1
 
 
+def test_a_saturated_network_gets_the_strict_end_of_the_grid_only_with_its_found_lesions_above_it(monkeypatch):
+    """Longer-trained networks give false lesions 0.99+; 0.995 and 0.999 are chosen only when every found lesion
+    scores above them by half the distance to 1 (0.9975 and 0.9995)."""
+    monkeypatch.setattr(lesion_filters, "MIN_FOUND_LESIONS", 1)
+
+    def fold(found_score: float) -> list:
+        truth = np.zeros((4, 40, 60), np.uint8)
+        truth[:, 2:38, 2:58] = 1
+        segmentation, probability = truth.copy(), np.zeros(truth.shape, np.float32)
+        blob(truth, np.zeros_like(probability), 1, 5, 5, 50, 0)
+        blob(segmentation, probability, 1, 5, 5, 50, found_score)
+        blob(segmentation, probability, 2, 20, 5, 50, 0.993)  # confident false lesions
+        blob(segmentation, probability, 2, 30, 5, 50, 0.9985)
+        labels, candidates = find_candidates(segmentation, probability, SPACING)
+        return [(match_case(segmentation, truth, SPACING, "a", [(c.peak, c.score) for c in candidates]), candidates)]
+
+    for found, chosen, false in ((0.99995, 0.999, 0), (0.999, 0.995, 1), (0.996, 0.0, 2)):
+        decision = choose(fold(found))
+        assert (decision["min_probability"], decision["validation"]["chosen"]["false_positives"]) == (chosen, false)
+        assert decision["validation"]["chosen"]["detected"] == 1
+
+
 def _one_blob(score: float) -> tuple[np.ndarray, np.ndarray]:
     segmentation, probability = np.zeros((4, 40, 60), np.uint8), np.zeros((4, 40, 60), np.float32)
     blob(segmentation, probability, 1, 5, 5, 50, score)
