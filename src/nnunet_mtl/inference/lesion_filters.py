@@ -20,8 +20,9 @@ distance to 1 where that is less, so that the strict end of the grid can be chos
 score 0.99, at 0.999 it must score 0.9995, about the same margin in log-odds), because a validation fold of a dozen
 cases cannot show the smallest or faintest lesion of a test set. Among admissible settings the one with the fewest
 false lesions wins; ties go to the gentler setting. A fold whose unfiltered prediction finds fewer than
-``MIN_FOUND_LESIONS`` true lesions shows nothing about what a true lesion looks like, so it gets no filters. The decision, with the counts of every setting, is stored under
-``lesion_filters`` in the model folder's ``postprocessing.json``.
+``MIN_FOUND_LESIONS`` true lesions shows nothing about what a true lesion looks like, so it gets no filters. The
+decision, with the counts of every setting, is stored under ``lesion_filters`` in the model folder's
+``postprocessing.json``.
 """
 
 from __future__ import annotations
