@@ -2,7 +2,8 @@
 
 The cross-site bar (macro-F1 >= 0.85) is only meaningful if the phantom allows it. This scores the product's own
 feature model (MIRP radiomics of the lesion and its parenchyma shell, shrinkage LDA or logistic regression) on the
-**true** lesion masks, so mask quality is out of the way:
+**true** lesion masks, so mask quality is out of the way (on each case's own grid, where the product computes them on
+the model's preprocessed grid: close, not identical):
 
   cross-site   fitted on the training site's 72 training + validation cases, scored on another site's test cases
                (the best a feature path on perfect masks does under the shift);
