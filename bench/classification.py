@@ -262,16 +262,10 @@ def score_pair(model: Path, phantom_train: Path, phantom_test: Path, preds: Path
     return results
 
 
-def paired_difference(first: dict, second: dict, statistic, n: int = BOOTSTRAP, seed: int = 0):
+def paired_difference(first: dict, second: dict, statistic) -> tuple[float, float, float]:
     """(second - first, 2.5 %, 97.5 %) of ``statistic`` over the same resampled cases (one training: cases only)."""
-    y, p, q = np.array(first["y"]), np.array(first["probabilities"]), np.array(second["probabilities"])
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        samples.append(statistic(y[idx], q[idx]) - statistic(y[idx], p[idx]))
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return statistic(y, q) - statistic(y, p), float(low), float(high)
+    both = np.stack([np.array(first["probabilities"]), np.array(second["probabilities"])], axis=1)
+    return bootstrap(np.array(first["y"]), both, lambda y, pq: statistic(y, pq[:, 1]) - statistic(y, pq[:, 0]))
 
 
 def variant_named(variants: dict, name: str) -> dict | None:
