@@ -354,7 +354,10 @@ ABLATIONS: dict[str, dict] = {
     "lesion_weight": {"lesion_loss_weight": 3.0},  # lesion voxels weigh 3x in the segmentation cross-entropy
     "long": {"epochs": 80},  # the demo recipe trained 2.5x as long: what the demo's short budget costs
     "long_small_lesions": {"epochs": 80, "small_lesion_oversampling": 4.0},  # both, at the longer budget
-    "long_lesion_contrast": {"epochs": 80, "lesion_contrast_augmentation": True},  # fainter lesions, longer budget
+    # fainter lesions at the longer budget; its trainings of 2026-12-02 (before MovedLesionLog) also fed the patches
+    # whose lesion contrast was moved to the subtype loss; "..._unmoved" is the same recipe after that change
+    "long_lesion_contrast": {"epochs": 80, "lesion_contrast_augmentation": True},
+    "long_lesion_contrast_unmoved": {"epochs": 80, "lesion_contrast_augmentation": True},
 }
 
 

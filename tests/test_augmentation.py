@@ -10,6 +10,7 @@ from batchgeneratorsv2.transforms.intensity.brightness import BrightnessAdditive
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from tiny import TINY_DATASET_ID, TINY_PLANS
 
@@ -206,7 +207,9 @@ def test_lesion_contrast_leaves_patches_without_lesion_or_gland_alone_and_refuse
 def test_lesion_contrast_sits_after_the_spatial_transform_in_half_the_patches_and_reaches_the_loader(tiny_env):
     original = nnunet_transforms()
     assert augmentation.with_lesion_contrast(original, False) is original
-    steps = augmentation.with_lesion_contrast(original, True).transforms
+    logged = augmentation.with_lesion_contrast(original, True)
+    assert isinstance(logged, augmentation.MovedLesionLog)
+    steps = logged.transforms.transforms
     kinds = unwrapped(steps)
     spatial = kinds.index(SpatialTransform)
     assert kinds[spatial + 1] is augmentation.LesionContrastTransform
@@ -224,6 +227,22 @@ def test_lesion_contrast_sits_after_the_spatial_transform_in_half_the_patches_an
     apply_settings(trainer, TrainSettings(lesion_contrast_augmentation=True))
     trainer.initialize()
     train_loader, _ = trainer.get_dataloaders()
-    assert augmentation.LesionContrastTransform in unwrapped(train_loader.data_loader.transforms.transforms)
+    assert augmentation.LesionContrastTransform in unwrapped(train_loader.data_loader.transforms.transforms.transforms)
     batch = next(train_loader)  # nnU-Net's real patches (labels after its spatial transform) go through it
     assert torch.isfinite(batch["data"]).all()
+    assert batch["subtype_counts"].shape == batch["subtype"].shape
+    assert set(batch["subtype_counts"].tolist()) <= {0.0, 1.0}
+
+
+def test_moved_lesion_log_flags_exactly_the_patches_whose_lesion_the_augmentation_moved():
+    image, labels = lesion_patch(np.random.default_rng(3))
+    no_lesion = np.where(labels == 2, 1, labels).astype(np.int16)
+    log = augmentation.MovedLesionLog(ComposeTransforms([RandomTransform(augmentation.LesionContrastTransform(),
+                                                                         apply_probability=0.5)]))
+    changed = []
+    for i in range(60):
+        seg = no_lesion if i % 3 == 0 else labels  # a patch without lesion is never moved
+        out = log(image=torch.from_numpy(image)[None].clone(), segmentation=torch.from_numpy(seg)[None])
+        changed.append(not np.array_equal(out["image"][0].numpy(), image))
+    assert log.moved == changed  # one flag per call, in call order, true where the image changed
+    assert 0 < sum(changed) < 40 and not any(changed[::3])

@@ -163,6 +163,8 @@ def test_subtype_loss_ignores_patches_that_do_not_show_the_lesion(tiny_env):
     both = trainer._subtype_loss(logits, subtype, target)
     assert torch.isclose(both, torch.nn.functional.cross_entropy(logits, subtype))
     assert trainer._subtype_loss(logits, subtype, torch.zeros_like(target)) == 0
+    moved_first = trainer._subtype_loss(logits, subtype, target, torch.tensor([0.0, 1.0]))
+    assert torch.isclose(moved_first, torch.nn.functional.cross_entropy(logits[1:], subtype[1:]))
 
 
 def test_head_learns_at_a_scaled_rate_through_the_poly_schedule(tiny_env):
@@ -503,3 +505,13 @@ def test_case_level_validation_runs_every_tenth_epoch_by_default(tiny_env):
         if trainer.case_validation_due():
             due.append(epoch)
     assert due == [0, 10, 20, 24]
+
+
+def test_train_step_leaves_patches_with_a_moved_lesion_out_of_the_subtype_loss(tiny_env):
+    """The loader's ``subtype_counts`` reach the subtype loss: all patches moved, no subtype loss at all."""
+    trainer = make_trainer(subtype_loss_on_lesion_patches_only=False)  # every patch counts unless moved
+    batch = first_batch(trainer)
+    batch["subtype_counts"] = torch.zeros(len(batch["subtype"]))
+    assert float(trainer.train_step(batch)["cls_loss"]) == 0.0
+    batch["subtype_counts"] = torch.ones(len(batch["subtype"]))
+    assert float(trainer.train_step(batch)["cls_loss"]) > 0.0

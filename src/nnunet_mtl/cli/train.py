@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lesion-contrast-aug", type=_bool, dest="lesion_contrast_augmentation", metavar="yes|no",
                         help="lesion contrast augmentation: in half the training patches the lesion's mean contrast "
                              "with the gland around it is scaled by 0.35-1.1 (texture kept), for lesions dimmer or "
-                             "brighter than the training data's (default no: on the phantom sites it found more "
+                             "brighter than the training data's; those patches do not train the subtype head "
+                             "(default no: on the phantom sites it found more "
                              "faint lesions but added about 0.3 false lesions per case)")
     parser.add_argument("--max-rotation", type=float, dest="max_rotation_degrees", metavar="DEG",
                         help="rotation augmentation range in degrees (default: nnU-Net's, 30 in 3D)")

@@ -3,8 +3,9 @@
 Overrides of :class:`nnunetv2.training.dataloading.data_loader.nnUNetDataLoader`:
 
 - ``generate_train_batch``: adds ``batch['subtype']`` looked up by the batch's case keys (nnU-Net puts them in
-  ``batch['keys']``), so the subtype can never be paired with the wrong patch; in a worker process, first makes
-  the worker die with the training process (below).
+  ``batch['keys']``), so the subtype can never be paired with the wrong patch, and ``batch['subtype_counts']`` (0
+  for a patch whose lesion contrast the augmentation moved, see ``augmentation.MovedLesionLog``; else 1); in a
+  worker process, first makes the worker die with the training process (below).
 - ``get_bbox``: when a sample is forced to contain foreground and ``lesion_centred`` is on, centre it on a lesion
   voxel rather than on any foreground class, so the classification target is in view; a random patch of a large
   crop may miss a small lesion and teach the head noise.
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnunet_mtl.training.augmentation import MovedLesionLog
 
 
 def class_balanced_probabilities(identifiers: list[str], case_subtypes: Mapping[str, int]) -> np.ndarray:
@@ -123,6 +126,11 @@ class MultiTaskDataLoader(nnUNetDataLoader):
 
     def generate_train_batch(self) -> dict:
         self._guard_worker()
+        log = self.transforms if isinstance(self.transforms, MovedLesionLog) else None
+        if log is not None:
+            log.moved.clear()
         batch = super().generate_train_batch()
         batch["subtype"] = torch.tensor([self.case_subtypes[k] for k in batch["keys"]], dtype=torch.long)
+        moved = log.moved if log is not None and len(log.moved) == len(batch["keys"]) else [False] * len(batch["keys"])
+        batch["subtype_counts"] = torch.tensor([0.0 if m else 1.0 for m in moved])
         return batch

@@ -301,7 +301,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             return autocast("cpu", dtype=torch.bfloat16)
         return dummy_context()
 
-    def _joint_loss(self, data, target, subtype, attend_to_true_lesion: bool = False):
+    def _joint_loss(self, data, target, subtype, attend_to_true_lesion: bool = False,
+                    subtype_counts: torch.Tensor | None = None):
         full_target = target[0] if isinstance(target, list) else target
         lesion_mask = (full_target == LESION_LABEL).float() \
             if attend_to_true_lesion and self.lesion_label_present and self.model.head_kind == "lesion_attention" \
@@ -312,25 +313,30 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
             segmentation = [s.float() for s in segmentation] if isinstance(segmentation, (list, tuple)) \
                 else segmentation.float()
         seg_loss = self.loss(segmentation, target)
-        cls_loss = self._subtype_loss(logits.float(), subtype, full_target)
+        cls_loss = self._subtype_loss(logits.float(), subtype, full_target, subtype_counts)
         return segmentation, logits, seg_loss, cls_loss, seg_loss + self.classification_loss_weight * cls_loss
 
-    def _subtype_loss(self, logits: torch.Tensor, subtype: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _subtype_loss(self, logits: torch.Tensor, subtype: torch.Tensor, target: torch.Tensor,
+                      subtype_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Subtype CE, a weighted mean as nn.CrossEntropyLoss computes it; optionally over the patches that show
-        lesion only: a patch without it carries no evidence of the subtype (public attempts' lesson)."""
+        lesion only: a patch without it carries no evidence of the subtype (public attempts' lesson). Patches with
+        ``subtype_counts`` 0 (their lesion's contrast moved by the augmentation) are left out."""
         per_sample = self.classification_loss(logits, subtype)  # reduction="none": w[subtype] x CE already
         weight = self.classification_loss.weight[subtype] if self.classification_loss.weight is not None \
             else torch.ones_like(per_sample)
         counted = torch.ones_like(per_sample)
         if self.subtype_loss_on_lesion_patches_only and self.lesion_label_present:
             counted = (target == LESION_LABEL).flatten(1).any(dim=1).to(per_sample.dtype)
+        if subtype_counts is not None:
+            counted = counted * subtype_counts.to(per_sample.device, per_sample.dtype)
         return (per_sample * counted).sum() / (weight * counted).sum().clamp_min(1e-6)
 
     def train_step(self, batch: dict) -> dict:
         data, target, subtype = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            _, _, seg_loss, cls_loss, loss = self._joint_loss(data, target, subtype, self.attend_to_true_lesion)
+            _, _, seg_loss, cls_loss, loss = self._joint_loss(data, target, subtype, self.attend_to_true_lesion,
+                                                              batch.get("subtype_counts"))
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
