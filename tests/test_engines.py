@@ -266,3 +266,17 @@ def test_classify_is_the_forward_passs_head(head):
     if head == "lesion_attention":
         with pytest.raises(ValueError, match="lesion probability"):
             network.classify(x)
+
+
+def test_a_loaded_predictor_classifies_the_same_tile_twice_alike(tiny_model):
+    """The head has dropout: a predictor that classified before any crop pass (the network still in training
+    mode) gave two different answers for one tile."""
+    predictor = load_predictor(tiny_model, device=CPU)
+    predictor._bind_engine()
+    generator = torch.Generator().manual_seed(0)
+    tile = torch.randn(1, 1, *predictor.configuration_manager.patch_size, generator=generator)
+    attention = torch.rand(1, 1, *predictor.configuration_manager.patch_size, generator=generator)
+    with torch.no_grad():
+        first, second = (predictor.engine.classify(tile, attention) for _ in range(2))
+    assert not predictor.network.training
+    assert torch.equal(first, second)

@@ -200,6 +200,7 @@ def load_predictor(model_dir: Path, folds: list[str] | None = None, checkpoint: 
             raise InputError(f"{path}: its weights do not fit the network of {model_dir / 'plans.json'} "
                              f"({str(e).splitlines()[0]})") from None
     network.load_state_dict(parameters[0])
+    network.eval()  # the head's dropout off for every caller, also one that classifies before any crop pass
     network.return_classification = mode.classify
     if mode.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
