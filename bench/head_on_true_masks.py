@@ -48,6 +48,7 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     from nnunet_mtl.inference.predict import PredictionMode, load_predictor, read_image
+    from nnunet_mtl.inference.predictor import lesion_tile_region, mask_centre
     from nnunet_mtl.model.lesion_features import select_lesion
 
     predictor = load_predictor(model, mode=PredictionMode.fast())
@@ -57,8 +58,7 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
     patch = np.array(cm.patch_size)
 
     def classify(data: np.ndarray, centre: np.ndarray, attention: np.ndarray) -> list[float]:
-        start = np.clip(centre - patch // 2, 0, np.maximum(np.array(data.shape[1:]) - patch, 0))
-        region = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
+        region = lesion_tile_region(centre, patch, data.shape[1:])  # predict's own tile
         tile = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data[(slice(None), *region)])).float(),
                             [int(p) for p in patch])[None]
         weights = pad_nd_image(torch.from_numpy(np.ascontiguousarray(attention[region], np.float32))[None],
@@ -69,10 +69,11 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
     out = {}
     for case in cases:
         data, properties = read_image(phantom / case["image"]).nnunet_input()
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / case["mask"])))[None].astype(np.float32)
+        mask = sitk.ReadImage(str(phantom / case["mask"]))
+        truth = sitk.GetArrayFromImage(mask)[None].astype(np.float32)
         data, seg, _ = preprocessor.run_case_npy(data, truth, properties, pm, cm, predictor.dataset_json)
         true_lesion = select_lesion(np.asarray(seg[0]), 2)
-        record: dict[str, list[float] | None] = dict.fromkeys(COMBINATIONS if decompose else COMBINATIONS[:1])
+        record: dict = dict.fromkeys(COMBINATIONS if decompose else COMBINATIONS[:1])
         if decompose:
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
             predicted_lesion = select_lesion(predictor.crop_labels(logits), 2)
@@ -85,8 +86,8 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
         for key in record:
             centre, attention = key.split("/")
             if centres[centre] is not None and attentions[attention] is not None:
-                record[key] = classify(data, np.round(np.mean(np.nonzero(centres[centre]), axis=1)).astype(int),
-                                       attentions[attention])
+                record[key] = classify(data, mask_centre(centres[centre]), attentions[attention])
+        record["ml"] = float((truth == 2).sum() * np.prod(mask.GetSpacing()) / 1000.0)  # true lesion volume
         out[case["name"]] = record
     return out
 
@@ -97,13 +98,6 @@ def grown(component: np.ndarray, probability: np.ndarray) -> np.ndarray:
 
     regions, _ = ndimage.label((probability >= REGION_PROBABILITY) | component, np.ones((3, 3, 3), bool))
     return np.isin(regions, np.unique(regions[component])) & (regions > 0)
-
-
-def lesion_ml(phantom: Path, case: dict) -> float:
-    import SimpleITK as sitk
-
-    mask = sitk.ReadImage(str(phantom / case["mask"]))
-    return float((sitk.GetArrayFromImage(mask) == 2).sum() * np.prod(mask.GetSpacing()) / 1000.0)
 
 
 def by_size(y: np.ndarray, p: np.ndarray, ml: np.ndarray, keep: np.ndarray) -> str:
@@ -125,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nnunet_mtl.inference.outputs import read_details
-    from nnunet_mtl.model.subtype_classifier import load_classifier
+    from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
 
     classifier = load_classifier(args.model)
     print(f"the head of {args.run} attending to the true lesion vs the product's predicted lesion "
@@ -141,8 +135,6 @@ def main() -> None:
         wanted = COMBINATIONS if args.decompose else COMBINATIONS[:1]
         if not all(c["name"] in stored and all(k in stored[c["name"]] for k in wanted) for c in cases):
             stored = head_logits(args.model, phantom, cases, args.decompose)
-            for case in cases:
-                stored[case["name"]]["ml"] = lesion_ml(phantom, case)
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(stored))
             tmp.replace(cache)
@@ -153,10 +145,9 @@ def main() -> None:
         ml = np.array([stored[n]["ml"] for n in names])
 
         def calibrated(logits):
-            if logits is None:
+            if logits is None:  # no predicted lesion to centre on or attend to (predict falls back to its tiles)
                 return np.full(3, 1 / 3)
-            return classifier.probabilities([np.asarray(logits)], None)["cnn"] if classifier else \
-                np.exp(logits) / np.exp(logits).sum()
+            return classifier.probabilities([np.asarray(logits)], None)["cnn"] if classifier else softmax(logits)
 
         product_p = np.array([details[n]["probabilities"]["cnn"] for n in names])
         rows = [(f"centre/attention {key}", np.array([calibrated(stored[n][key]) for n in names]))
@@ -169,6 +160,7 @@ def main() -> None:
         diff, low, high = paired_difference({"y": y.tolist(), "probabilities": product_p.tolist()},
                                             {"y": y.tolist(), "probabilities": rows[0][1].tolist()}, macro_f1)
         print(f"{site:<5} {'true/true minus product':<40} {diff:+.3f} [{low:+.3f}, {high:+.3f}]\n")
+
 
 if __name__ == "__main__":
     main()

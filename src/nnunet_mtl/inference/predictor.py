@@ -47,7 +47,20 @@ def lesion_centre(labels: np.ndarray, lesion_label: int) -> np.ndarray | None:
     """Voxel centre of the lesion to classify (:func:`~nnunet_mtl.model.lesion_features.select_lesion`: the largest
     lesion component inside the largest foreground component); None without a predicted lesion."""
     lesion = select_lesion(labels, lesion_label)
-    return None if lesion is None else np.round(np.mean(np.nonzero(lesion), axis=1)).astype(int)
+    return None if lesion is None else mask_centre(lesion)
+
+
+def mask_centre(mask: np.ndarray) -> np.ndarray:
+    """Rounded voxel centre of a non-empty mask."""
+    return np.round(np.mean(np.nonzero(mask), axis=1)).astype(int)
+
+
+def lesion_tile_region(centre: np.ndarray, patch, shape) -> tuple[slice, ...]:
+    """The spatial slices of the patch-sized tile centred on ``centre``, shifted inside a crop of ``shape`` (a crop
+    thinner than the patch starts at 0 and is padded by the caller)."""
+    patch, shape = np.array(patch), np.array(shape)
+    start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
+    return tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
 
 
 @dataclass
@@ -282,9 +295,7 @@ class MultiTaskPredictor(nnUNetPredictor):
         if centre is None:
             return
         patch = np.array(self.configuration_manager.patch_size)
-        shape = np.array(image.shape[1:])
-        start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
-        region = (slice(None), *(slice(int(a), int(a + p)) for a, p in zip(start, patch)))
+        region = (slice(None), *lesion_tile_region(centre, patch, image.shape[1:]))
         tile = pad_nd_image(image[region], [int(p) for p in patch])[None].to(self.device)  # crops thinner than it
         del self.tile_records[first_record:]
         if self.lesion_tile_attention == "tile":
