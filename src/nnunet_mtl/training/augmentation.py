@@ -19,7 +19,7 @@ docs/measurements-lesions.md). ``--lesion-contrast-aug yes`` (see :class:`Lesion
 training lesion's mean towards or away from its surrounding gland, keeping its texture and noise. Off by default:
 it found more of those lesions in three trainings of three, but added about 0.3 false lesions per case. A moved
 lesion no longer shows the contrast that names its subtype, so the subtype loss skips the patches it moved
-(:class:`MovedLesionLog`). Before that, a training with it named the subtypes of true lesions at 0.75 macro-F1,
+(:class:`MovedLesionLog`). Before that, two trainings with it named the subtypes of true lesions at 0.74-0.80 macro-F1,
 one without it at 0.85 (docs/measurements-classification.md, bench/head_on_true_masks.py).
 """
 
