@@ -61,7 +61,7 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
     predictions fit the classifier); returns the model folder."""
     from nnunet_mtl import paths
     from nnunet_mtl.data.importer import import_dataset, scan_published
-    from nnunet_mtl.planning.plans import PLANS_CHOICES, plan_and_preprocess
+    from nnunet_mtl.planning.plans import PLANS_CHOICES, derive_multitask_plans, plan_and_preprocess
     from nnunet_mtl.training.run import TrainSettings, train, train_folds
     from nnunet_mtl.training.trainer import cpu_has_fast_bf16
 
@@ -75,9 +75,14 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
     if not (preprocessed / f"{PLANS_CHOICES['demo']}.json").is_file():
         plan_and_preprocess(dataset_id, "default", "demo")
     plans = PLANS_CHOICES["demo"]
+    extra = dict(extra or {})
+    head = extra.pop("head", None)
     if tag:  # an ablation: same plans under another identifier, so its model folder is its own
         plans = f"{PLANS_CHOICES['demo']}{tag}"
         content = json.loads((preprocessed / f"{PLANS_CHOICES['demo']}.json").read_text())
+        if head is not None:  # another head: the demo plans derived again from nnU-Net's own, with that head
+            base = json.loads((preprocessed / f"{content['multitask']['base_plans']}.json").read_text())
+            content = derive_multitask_plans(base, content["multitask"]["subtype_names"], head=head, preset="demo")
         content["plans_name"] = plans
         (preprocessed / f"{plans}.json").write_text(json.dumps(content, indent=1))
     model = work.results / paths.dataset_folder_name(dataset_id, name) / f"nnUNetTrainerMTL__{plans}__3d_fullres"
@@ -87,7 +92,7 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
         recipe = dict(epochs=epochs, iterations=iterations, val_iterations=4, case_validation_every=epochs,
                       final_validation_fast=True, optimizer="adamw", mirror_augmentation=False,
                       max_rotation_degrees=15.0, cpu_bf16=cpu_has_fast_bf16())
-        settings = TrainSettings(**{**recipe, **(extra or {})})  # an ablation may change the recipe's own settings
+        settings = TrainSettings(**{**recipe, **extra})  # an ablation may change the recipe's own settings
         started = time.perf_counter()
         if tuple(folds) == ("0",):
             train(dataset_id, plans, 0, "cpu", settings, resume=True)
@@ -358,6 +363,8 @@ ABLATIONS: dict[str, dict] = {
     # whose lesion contrast was moved to the subtype loss; "..._unmoved" is the same recipe after that change
     "long_lesion_contrast": {"epochs": 80, "lesion_contrast_augmentation": True},
     "long_lesion_contrast_unmoved": {"epochs": 80, "lesion_contrast_augmentation": True},
+    # the head also reads the gland around the lesion (its intensity, the lesion's contrast with it)
+    "long_context": {"epochs": 80, "head": "lesion_context"},
 }
 
 

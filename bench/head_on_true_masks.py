@@ -57,11 +57,14 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
     preprocessor = cm.preprocessor_class(verbose=False)
     patch = np.array(cm.patch_size)
 
-    def classify(data: np.ndarray, centre: np.ndarray, attention: np.ndarray) -> list[float]:
+    two_channels = predictor.network.attention_channels == 2  # a context head also reads the gland
+
+    def classify(data: np.ndarray, centre: np.ndarray, attention: np.ndarray, gland: np.ndarray) -> list[float]:
         region = lesion_tile_region(centre, patch, data.shape[1:])  # predict's own tile
         tile = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data[(slice(None), *region)])).float(),
                             [int(p) for p in patch])[None]
-        weights = pad_nd_image(torch.from_numpy(np.ascontiguousarray(attention[region], np.float32))[None],
+        channels = [gland[region], attention[region]] if two_channels else [attention[region]]
+        weights = pad_nd_image(torch.from_numpy(np.ascontiguousarray(np.stack(channels), np.float32)),
                                [int(p) for p in patch])[None]
         with torch.no_grad():
             return predictor.engine.classify(tile, weights).float().cpu().numpy()[0].tolist()
@@ -77,16 +80,20 @@ def head_logits(model: Path, phantom: Path, cases: list[dict], decompose: bool) 
         if decompose:
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
             predicted_lesion = select_lesion(predictor.crop_labels(logits), 2)
-            probability = torch.softmax(logits.float(), 0)[-1].numpy()
+            softmax = torch.softmax(logits.float(), 0).numpy()
+            probability, predicted_gland = softmax[-1], softmax[1]
         else:
-            predicted_lesion = probability = None
+            predicted_lesion = probability = predicted_gland = None
         centres = {"true": true_lesion, "predicted": predicted_lesion}
         attentions = {"true": true_lesion, "predicted": probability, "component": predicted_lesion,
                       "region": None if predicted_lesion is None else grown(predicted_lesion, probability)}
+        # the gland beside each attention: the true gland with the true lesion, the decoder's with its own
+        glands = {"true": np.asarray(seg[0]) == 1, "predicted": predicted_gland, "component": predicted_gland,
+                  "region": predicted_gland}
         for key in record:
             centre, attention = key.split("/")
             if centres[centre] is not None and attentions[attention] is not None:
-                record[key] = classify(data, mask_centre(centres[centre]), attentions[attention])
+                record[key] = classify(data, mask_centre(centres[centre]), attentions[attention], glands[attention])
         record["ml"] = float((truth == 2).sum() * np.prod(mask.GetSpacing()) / 1000.0)  # true lesion volume
         out[case["name"]] = record
     return out

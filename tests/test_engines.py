@@ -254,18 +254,43 @@ def test_stride_pooling_equals_adaptive_pooling():
     assert torch.equal(_pool_to(weights, odd, (2, 4, 4)), torch.nn.functional.adaptive_avg_pool3d(weights, odd))
 
 
-@pytest.mark.parametrize("head", ["lesion_attention", "bottleneck", "multiscale"])
+@pytest.mark.parametrize("head", ["lesion_attention", "lesion_context", "bottleneck", "multiscale"])
 def test_classify_is_the_forward_passs_head(head):
     """encoder + head on a tile, given the decoder's lesion probability, gives the forward pass's subtype logits."""
     network = _network(head).eval()
     x = torch.randn(2, 1, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    attends = head in ("lesion_attention", "lesion_context")
     with torch.inference_mode():
         segmentation, logits = network(x)
-        probability = torch.softmax(segmentation, 1)[:, -1:] if head == "lesion_attention" else None
-        assert torch.allclose(network.classify(x, probability), logits, atol=1e-6)
-    if head == "lesion_attention":
+        probabilities = torch.softmax(segmentation, 1)
+        attention = network.attention_from_probabilities(probabilities) if attends else None
+        if attends:  # the lesion last; the context head also gets the gland (class 1) before it
+            expected = probabilities[:, 1:] if head == "lesion_context" else probabilities[:, 2:]
+            assert torch.equal(attention, expected)
+        assert torch.allclose(network.classify(x, attention), logits, atol=1e-6)
+    if attends:
         with pytest.raises(ValueError, match="lesion probability"):
             network.classify(x)
+
+
+def test_the_context_heads_export_takes_gland_and_lesion(tmp_path):
+    """The exported encoder + context head (ONNX Runtime) takes the two-channel attention and gives torch's
+    logits; the gland channel changes them (it is not ignored on the way through the export)."""
+    network = _network("lesion_context").eval()
+    engine = make_engine("onnxruntime", "fp32", CPU, cache_dir=tmp_path)
+    engine.bind(network, weights_key(network.state_dict()))
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 1, 8, 32, 32, generator=generator)
+    attention = torch.zeros(1, 2, 8, 32, 32)
+    attention[:, 0, 2:6, 8:24, 8:24] = 1.0  # gland
+    attention[:, 1, 3:5, 12:18, 12:18] = 1.0  # lesion inside it
+    attention[:, 0][attention[:, 1] > 0] = 0.0
+    exported = engine.classify(x, attention)
+    with torch.inference_mode():
+        assert torch.allclose(exported, network.classify(x, attention), atol=1e-4)
+    no_gland = attention.clone()
+    no_gland[:, 0] = 0.0
+    assert not torch.allclose(exported, engine.classify(x, no_gland), atol=1e-4)
 
 
 def test_a_loaded_predictor_classifies_the_same_tile_twice_alike(tiny_model):

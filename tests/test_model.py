@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -69,7 +70,7 @@ def test_unet_weight_names_are_those_of_a_plain_nnunet_model():
 
 @pytest.mark.parametrize("backbone, kwargs", [(PLAIN, plain_kwargs([8, 16, 32, 64])),
                                               (RESENC, resenc_kwargs([8, 16, 32, 64]))])
-@pytest.mark.parametrize("head", ["bottleneck", "multiscale", "lesion_attention"])
+@pytest.mark.parametrize("head", ["bottleneck", "multiscale", "lesion_attention", "lesion_context"])
 def test_forward_shapes_both_backbones(backbone, kwargs, head):
     net = build(backbone, kwargs, head)
     x = torch.randn(2, 1, 16, 32, 32)
@@ -86,7 +87,7 @@ def test_forward_shapes_both_backbones(backbone, kwargs, head):
     assert net._backbone_class is expected_backbone
 
 
-@pytest.mark.parametrize("head", ["multiscale", "lesion_attention"])
+@pytest.mark.parametrize("head", ["multiscale", "lesion_attention", "lesion_context"])
 def test_gradients_reach_encoder_decoder_and_head(head):
     net = build(PLAIN, plain_kwargs([8, 16, 32]), head)
     segmentation, logits = net(torch.randn(2, 1, 16, 32, 32))
@@ -122,6 +123,45 @@ def test_lesion_attention_pools_where_the_lesion_is():
     head(([fine, coarse]), torch.zeros_like(lesion), image)  # no lesion predicted: uniform weights, global average
     assert torch.allclose(captured["x"][0, :2], torch.full((2,), 5.0 * 32 / 256), atol=1e-4)
     assert torch.allclose(captured["x"][0, 5], image.mean(), atol=1e-4)
+
+
+def test_context_head_reads_the_gland_around_the_lesion():
+    """The context head's image moments: the lesion's, and those of the gland within three voxels of it (not the
+    gland far away, not fat beside the lesion), computed here independently with numpy."""
+    from scipy import ndimage
+
+    from nnunet_mtl.model.network import LesionContextHead
+
+    head = LesionContextHead([2, 3], num_subtypes=3, n_stages=2)
+    skips = [torch.zeros(1, 2, 8, 16, 16), torch.ones(1, 3, 4, 8, 8)]
+    labels = np.zeros((8, 16, 16), np.int64)
+    labels[1:7, 2:14, 2:9] = 1  # gland; the lesion sits at its edge, with fat (label 0) on one side
+    labels[3:5, 6:9, 6:10] = 2
+    image = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    image[labels == 1] += 2.0
+    image[labels == 2] -= 1.0
+    captured = {}
+    head.mlp.register_forward_hook(lambda m, inputs, out: captured.update(x=inputs[0]))
+    attention = torch.from_numpy(np.stack([labels == 1, labels == 2]).astype(np.float32))[None]
+    head(skips, attention, torch.from_numpy(image)[None, None])
+    lesion = labels == 2
+    shell = ndimage.binary_dilation(lesion, np.ones((7, 7, 7), bool)) & ~lesion & (labels == 1)
+    expected = [image[lesion].mean(), image[lesion].std(), image[shell].mean(), image[shell].std(),
+                image[lesion].mean() - image[shell].mean()]
+    assert captured["x"].shape == (1, 2 + 3 + 5)
+    assert np.allclose(captured["x"][0, 5:].numpy(), expected, atol=1e-3)
+    assert not np.isclose(image[shell].mean(), image[ndimage.binary_dilation(lesion, np.ones((7, 7, 7), bool))
+                                                   & ~lesion].mean(), atol=0.1)  # fat left out changes it
+
+
+def test_context_attention_from_labels_has_gland_then_lesion():
+    net = build(PLAIN, plain_kwargs([8, 16, 32]), "lesion_context")
+    labels = torch.tensor([0, 1, 2, 1]).reshape(1, 1, 1, 1, 4)
+    attention = net.attention_from_labels(labels)
+    assert attention.shape == (1, 2, 1, 1, 4) and net.attention_channels == 2
+    assert attention[0, :, 0, 0].tolist() == [[0, 1, 0, 1], [0, 0, 1, 0]]
+    single = build(PLAIN, plain_kwargs([8, 16, 32]), "lesion_attention").attention_from_labels(labels)
+    assert single[0, 0, 0, 0].tolist() == [0, 0, 1, 0]
 
 
 def test_training_attention_can_follow_the_true_lesion():

@@ -124,9 +124,11 @@ class _LesionAt(torch.nn.Module):
     """Stands in for the network: lesion where the input is above 1, subtype logits that name the input's shape;
     counts its whole-network and encoder-and-head passes."""
 
-    def __init__(self):
+    def __init__(self, attention_channels: int = 1):
         super().__init__()
         self.calls = []
+        self.attention_channels = attention_channels
+        self.attention = None
 
     def forward(self, x):
         self.calls.append("forward")
@@ -135,10 +137,32 @@ class _LesionAt(torch.nn.Module):
         segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
         return segmentation, torch.tensor([[float(x.shape[2]), float(x.shape[3]), float(x.shape[4])]])
 
+    def attention_from_probabilities(self, probabilities):  # as MultiTaskUNet's
+        return probabilities[:, -self.attention_channels:]
+
     def classify(self, x, lesion_probability):
         self.calls.append("classify")
         assert lesion_probability.shape[2:] == x.shape[2:]
+        self.attention = lesion_probability
         return torch.tensor([[float(x.shape[2]), float(x.shape[3]), float(x.shape[4])]])
+
+
+def test_the_lesion_patch_attends_with_the_channels_the_head_asks_for(tiny_model):
+    """A context head gets gland and lesion probability of the crop's pass, cut to the lesion's patch."""
+    predictor = load_predictor(tiny_model, device=CPU, mode=PredictionMode.fast())
+    for channels in (1, 2):
+        predictor.network = _LesionAt(attention_channels=channels)
+        patch = np.array(predictor.configuration_manager.patch_size)
+        image = torch.zeros(1, *(patch * [1, 2, 2]))
+        image[0, 2:4, -6:-2, 3:7] = 5.0
+        predictor.predict_with_current_weights(image)
+        attention = predictor.network.attention
+        assert attention.shape == (1, channels, *patch)
+        lesion = attention[0, -1] > 0.5
+        assert int(lesion.sum()) == 2 * 4 * 4  # the lesion, last, whatever the channels
+        if channels == 2:  # the channel before it: the pancreas class's probability (softmax of 1, 0, 2 / 1, 0, 0)
+            expected = torch.where(lesion, 1 / (np.e + 1 + np.e ** 2), 1 / (np.e + 2)).float()
+            assert torch.allclose(attention[0, 0], expected, atol=1e-5)
 
 
 def test_fast_mode_takes_the_subtype_from_a_patch_centred_on_the_lesion(tiny_model):

@@ -515,3 +515,29 @@ def test_train_step_leaves_patches_with_a_moved_lesion_out_of_the_subtype_loss(t
     assert float(trainer.train_step(batch)["cls_loss"]) == 0.0
     batch["subtype_counts"] = torch.ones(len(batch["subtype"]))
     assert float(trainer.train_step(batch)["cls_loss"]) > 0.0
+
+
+def test_the_context_head_trains_on_the_true_gland_and_lesion(tiny_env):
+    """With ``--head lesion_context`` the training step hands the head the true masks of gland and lesion (the
+    network's own two-channel attention), and the head learns from them."""
+    preprocessed = tiny_env["preprocessed"]
+    plans = json.loads((preprocessed / f"{TINY_PLANS}.json").read_text())
+    plans["plans_name"] = f"{TINY_PLANS}_context"
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["head"] = "lesion_context"
+    (preprocessed / f"{plans['plans_name']}.json").write_text(json.dumps(plans))
+    try:
+        trainer = build_trainer(TINY_DATASET_ID, plans["plans_name"], 0, "cpu")
+        apply_settings(trainer, TrainSettings())
+        trainer.initialize()
+        batch = first_batch(trainer)
+        seen = {}
+        trainer.network.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs), with_kwargs=True)
+        head_before = [p.detach().clone() for p in trainer.network.classifier.parameters()]
+        trainer.network.train()
+        trainer.train_step(batch)
+        target = batch["target"][0]
+        expected = torch.cat([(target == 1).float(), (target == 2).float()], dim=1)
+        assert torch.equal(seen["lesion_mask"].cpu(), expected)
+        assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.network.classifier.parameters()))
+    finally:
+        (preprocessed / f"{plans['plans_name']}.json").unlink()

@@ -31,12 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(nnUNetPlannerResEncM, ResidualEncoderUNet)")
     parser.add_argument("--preset", choices=["demo"], default=None,
                         help="also write a small CPU-friendly configuration (plans only, same preprocessing)")
-    parser.add_argument("--head", choices=["lesion_attention", "bottleneck", "multiscale"],
+    parser.add_argument("--head", choices=["lesion_attention", "lesion_context", "bottleneck", "multiscale"],
                         default="lesion_attention",
                         help="classification head: lesion_attention (features of every encoder stage "
-                             "pooled where the decoder predicts lesion, + MLP; default), bottleneck (the report's "
-                             "global average pool + linear) or multiscale (global avg+max pool of the last 3 "
-                             "stages + MLP)")
+                             "pooled where the decoder predicts lesion, + MLP; default), lesion_context (the same "
+                             "plus the gland around the lesion: its intensity and the lesion's contrast with it), "
+                             "bottleneck (the report's global average pool + linear) or multiscale (global avg+max "
+                             "pool of the last 3 stages + MLP)")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
     parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
     parser.add_argument("--check-dataset", action="store_true",

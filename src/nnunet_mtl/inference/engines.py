@@ -224,9 +224,11 @@ class ExportedEngine(Engine):
                 else ["segmentation"]
             dynamic = {"image": axes, "segmentation": axes}
         else:
-            with_lesion = getattr(network, "head_kind", None) == "lesion_attention"
+            with_lesion = getattr(network, "attends", False)
             module = _Classify(network, with_lesion)
-            inputs = (x, torch.rand_like(x[:, :1])) if with_lesion else (x,)
+            attention = torch.rand(1, getattr(network, "attention_channels", 1), *shape, dtype=x.dtype,
+                                   device=x.device)
+            inputs = (x, attention) if with_lesion else (x,)
             names = ["image", "lesion_probability"] if with_lesion else ["image"]
             outputs, dynamic = ["subtype_logits"], {n: axes for n in names}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +280,7 @@ class ExportedEngine(Engine):
     def classify(self, x: torch.Tensor, lesion_probability: torch.Tensor | None) -> torch.Tensor:
         self._check_shape(x)
         inputs = [_array(x)]
-        if getattr(self.network, "head_kind", None) == "lesion_attention":
+        if getattr(self.network, "attends", False):
             inputs.append(_array(lesion_probability))
         return torch.from_numpy(self._run(self._get("classify", tuple(x.shape)), inputs)[0]).to(x.device)
 

@@ -304,8 +304,9 @@ class MultiTaskPredictor(nnUNetPredictor):
             return
         tile_logits = logits[region].float()
         lesion_voxels = float((labels_from_scores(tile_logits) == self.lesion_label).sum())
-        # the last label is the lesion, as in the network's own attention (MultiTaskUNet.forward)
-        probability = pad_nd_image(torch.softmax(tile_logits, 0)[-1:], [int(p) for p in patch])[None]
+        # the head's attention as the network makes it from its own decoder (MultiTaskUNet.forward)
+        attention = self.network.attention_from_probabilities(torch.softmax(tile_logits, 0)[None])[0]
+        probability = pad_nd_image(attention, [int(p) for p in patch])[None]
         with self._autocast():
             subtype_logits = self._classify_mirrored(tile, probability.to(self.device))
         for row in subtype_logits.float().cpu():

@@ -304,9 +304,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
     def _joint_loss(self, data, target, subtype, attend_to_true_lesion: bool = False,
                     subtype_counts: torch.Tensor | None = None):
         full_target = target[0] if isinstance(target, list) else target
-        lesion_mask = (full_target == LESION_LABEL).float() \
-            if attend_to_true_lesion and self.lesion_label_present and self.model.head_kind == "lesion_attention" \
-            else None
+        lesion_mask = self.model.attention_from_labels(full_target) \
+            if attend_to_true_lesion and self.lesion_label_present and self.model.attends else None
         segmentation, logits = self.network(data, lesion_mask=lesion_mask) if lesion_mask is not None \
             else self.network(data)
         if self.device.type == "cpu" and self.cpu_bf16:  # losses in fp32: bfloat16 has 8 bits of mantissa
