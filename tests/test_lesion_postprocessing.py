@@ -178,6 +178,9 @@ class _BrightIsLesion(torch.nn.Module):
         segmentation[:, 2] = 1.2 * x[:, 0]
         return segmentation, torch.tensor([[0.0, 1.0, 0.0]])
 
+    def attention_from_probabilities(self, probabilities):  # as MultiTaskUNet's single-channel heads
+        return probabilities[:, -1:]
+
     def classify(self, x, lesion_probability=None):  # the encoder-and-head pass of the lesion-centred patch
         return torch.tensor([[0.0, 1.0, 0.0]]).expand(x.shape[0], 3)
 

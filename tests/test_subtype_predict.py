@@ -27,6 +27,9 @@ class _BrightIsLesion(torch.nn.Module):
         segmentation[:, 2] = 2.0 * (x[:, 0] > 1)
         return segmentation, torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
 
+    def attention_from_probabilities(self, probabilities):  # as MultiTaskUNet's single-channel heads
+        return probabilities[:, -1:]
+
     def classify(self, x, lesion_probability=None):  # the encoder-and-head pass of the lesion-centred patch
         return torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
 
