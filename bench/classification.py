@@ -21,6 +21,7 @@ Every stage is reused when its output exists, so a second run only scores (and a
   python bench/classification.py --workdir work_cls                       # train on A and B, test on A, B, C
   python bench/classification.py --workdir work_cls --train-sites A --test-sites A B C --n-test 150
   python bench/classification.py --workdir work_cls --train-sites A --test-sites B A --folds 1 2 3 4 5  # ensemble
+  python bench/classification.py --workdir work_cls --train-sites A+B --test-sites C A B  # two sites pooled
 """
 
 from __future__ import annotations
@@ -42,16 +43,51 @@ BOOTSTRAP = 1000
 # ---------------------------------------------------------------------------------------------------- stages
 
 
+POOLED_ID_OFFSET = 500  # the k-th site of a pool renumbers its cases by k x 500 (sites reuse case numbers)
+
+
+def pooled_sites(site: str) -> list[str]:
+    """``A+B`` trains on sites A and B together; a single letter is one site."""
+    return site.split("+")
+
+
+def pool_phantoms(workdir: Path, pool: str, folders: dict[str, Path]) -> Path:
+    """One published-layout folder holding the training and validation cases of every site of ``pool`` (links to
+    the sites' own files, case numbers offset per site so they stay unique; no test cases: test on each site)."""
+    import re
+
+    folder = workdir / f"phantom_{pool}"
+    if (folder / "pool.json").is_file():
+        return folder
+    for k, site in enumerate(pooled_sites(pool)):
+        for path in sorted(folders[site].glob("*/subtype*/quiz_*.nii.gz")):
+            split, subtype = path.parts[-3], path.parts[-2]
+            if split not in ("train", "validation"):
+                continue
+            match = re.fullmatch(r"quiz_(\d+)_(\d+)(_0000)?\.nii\.gz", path.name)
+            number = int(match.group(2)) + k * POOLED_ID_OFFSET
+            target = folder / split / subtype / f"quiz_{match.group(1)}_{number:03d}{match.group(3) or ''}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(path)
+    (folder / "pool.json").write_text(json.dumps({"sites": pooled_sites(pool), "id_offset": POOLED_ID_OFFSET}))
+    return folder
+
+
 def make_phantoms(workdir: Path, sites: list[str], n_test: int, seed: int) -> dict[str, Path]:
+    """Each site's phantom (generated once); a pooled site ``A+B`` after its members."""
     from nnunet_mtl.data.phantom import generate_phantom_dataset
 
     folders = {}
-    for site in sites:
+    pools = [s for s in sites if "+" in s]
+    for site in sorted({s for s in sites if "+" not in s} | {m for p in pools for m in pooled_sites(p)}):
         folder = workdir / f"phantom_{site}"
         if not (folder / "phantom.json").is_file():
             print(f"== phantom site {site}: {n_test} test cases", flush=True)
             generate_phantom_dataset(folder, "small", seed=seed, n_test=n_test, site=site, progress=False)
         folders[site] = folder
+    for pool in pools:
+        folders[pool] = pool_phantoms(workdir, pool, folders)
     return folders
 
 
@@ -66,8 +102,10 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
     from nnunet_mtl.training.trainer import cpu_has_fast_bf16
 
     work = paths.configure(workdir / "nnunet")
-    dataset_id = DATASET_BASE_ID + SITES_DEFAULT.index(site)
-    name = f"Site{site}"
+    members = pooled_sites(site)  # a pool: Dataset 720 + one bit per member site (A+B: 723), named SiteAandB
+    dataset_id = DATASET_BASE_ID + SITES_DEFAULT.index(site) if len(members) == 1 else \
+        DATASET_BASE_ID + 10 + sum(2 ** SITES_DEFAULT.index(m) for m in set(members))
+    name = f"Site{'and'.join(members)}"
     raw = work.raw / paths.dataset_folder_name(dataset_id, name)
     if not (raw / "dataset.json").is_file():
         import_dataset(scan_published(phantom), work.raw, dataset_id, name, progress=False)
@@ -310,6 +348,8 @@ def main() -> None:
     os.environ.setdefault("nnUNet_def_n_proc", "2")
     os.environ.setdefault("nnUNet_n_proc_DA", "2")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if any("+" in s for s in args.test_sites):
+        parser.error("a pool (A+B) trains; test on its sites one by one")
     sites = sorted(set(args.train_sites) | set(args.test_sites))
     phantoms = make_phantoms(args.workdir.resolve(), sites, args.n_test, args.seed)
     extra = ABLATIONS[args.ablation] if args.ablation else None
