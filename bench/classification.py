@@ -405,6 +405,8 @@ ABLATIONS: dict[str, dict] = {
     "long_lesion_contrast_unmoved": {"epochs": 80, "lesion_contrast_augmentation": True},
     # the head also reads the gland around the lesion (its intensity, the lesion's contrast with it)
     "long_context": {"epochs": 80, "head": "lesion_context"},
+    # half the lesion patches show the head a badly drawn lesion (cut by a plane, blended with the decoder's own)
+    "long_imperfect_attention": {"epochs": 80, "imperfect_attention": 0.5},
 }
 
 

@@ -238,3 +238,27 @@ def test_summary_command_prints_true_counts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nnunet_mtl", "summary", str(plans_file)], capture_output=True,
                          text=True, check=True).stdout
     assert "14,025,120" in out and "963" in out and "31,197,362" in out
+
+
+def test_training_attention_can_be_made_from_the_decoders_own():
+    """``attention_from`` receives the decoder's detached lesion probability and its answer is what the head pools:
+    handing back the probability gives the prediction's logits, handing back a fixed mask gives that mask's."""
+    net = build(PLAIN, plain_kwargs([8, 16, 32]), "lesion_attention").eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    here = torch.zeros(1, 1, 16, 32, 32)
+    here[..., :8, :16, :16] = 1
+    seen = {}
+
+    def keep(predicted):
+        seen["predicted"] = predicted
+        return predicted
+
+    with torch.no_grad():
+        segmentation, logits_predicted = net(x)
+        _, logits_kept = net(x, attention_from=keep)
+        _, logits_here = net(x, lesion_mask=here)
+        _, logits_made = net(x, attention_from=lambda predicted: here)
+    expected = torch.softmax(segmentation[0].float(), dim=1)[:, -1:]
+    assert torch.allclose(seen["predicted"], expected, atol=1e-6)
+    assert torch.allclose(logits_kept, logits_predicted, atol=1e-6)
+    assert torch.allclose(logits_made, logits_here, atol=1e-6)

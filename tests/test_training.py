@@ -541,3 +541,34 @@ def test_the_context_head_trains_on_the_true_gland_and_lesion(tiny_env):
         assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.network.classifier.parameters()))
     finally:
         (preprocessed / f"{plans['plans_name']}.json").unlink()
+
+
+def test_imperfect_attention_shows_the_head_a_cut_blend_of_the_true_lesion_in_training_only(tiny_env):
+    """``imperfect_attention`` 1: every lesion patch's head attention differs from its true lesion and stays within
+    [0, 1]; in validation the head attends to the decoder's lesion as always."""
+    trainer = make_trainer(imperfect_attention=1.0)
+    batch = first_batch(trainer)
+    seen = []
+    trainer.network.classifier.register_forward_hook(lambda m, args, out: seen.append(args[1].detach().cpu()))
+    trainer.network.train()
+    trainer.train_step(batch)
+    true_lesion = (batch["target"][0] == 2).float()
+    with_lesion = [b for b in range(len(true_lesion)) if true_lesion[b].any()]
+    assert with_lesion, "the tiny loader gives lesion-centred patches"
+    attention = seen[-1]
+    assert attention.shape == true_lesion.shape
+    assert float(attention.min()) >= 0.0 and float(attention.max()) <= 1.0 + 1e-6
+    assert all(not torch.allclose(attention[b], true_lesion[b]) for b in with_lesion)
+    plain = make_trainer()
+    seen.clear()
+    plain.network.classifier.register_forward_hook(lambda m, args, out: seen.append(args[1].detach().cpu()))
+    plain.network.train()
+    plain.train_step(batch)
+    assert torch.equal(seen[-1], true_lesion)  # off by default: the true lesion itself
+
+
+def test_imperfect_attention_share_outside_zero_to_one_is_refused_at_the_command_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["train", "1", "--imperfect-attention", "1.5"])
+    assert raised.value.code == 2
+    assert "share from 0 to 1" in capsys.readouterr().err

@@ -45,6 +45,16 @@ def _millimetres(value: str) -> float:
     return number
 
 
+def _share(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {value!r}")
+    return number
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the multi-task network on one fold (resumable)",
                                    description=__doc__, epilog=EPILOG,
@@ -109,6 +119,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        metavar="yes|no", help="subtype loss only on patches that show lesion (default yes)")
     group.add_argument("--attend-true-lesion", type=_bool, dest="attend_to_true_lesion", metavar="yes|no",
                        help="lesion_attention head: pool over the true lesion while training (default yes)")
+    group.add_argument("--imperfect-attention", type=_share, metavar="P",
+                       help="with --attend-true-lesion yes: in this share of patches the head attends to the true "
+                            "lesion cut by a random plane and blended with the decoder's own lesion probability, "
+                            "as the decoder draws lesions on data from another scanner (default 0: off)")
     parser.add_argument("--cpu-bf16", type=_bool, dest="cpu_bf16", metavar="yes|no",
                         help="on CPU, run the forward pass under bfloat16 autocast: about 1.6x faster per step "
                              "on CPUs with AVX512-BF16 or AMX; steps with non-finite gradients are skipped "

@@ -13,6 +13,7 @@ only ``classifier.*`` left fresh. One encoder pass per forward feeds both heads.
 from __future__ import annotations
 
 import pydoc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -247,9 +248,12 @@ class MultiTaskUNet(nn.Module):
         classes = range(self.num_classes - self.attention_channels, self.num_classes)
         return torch.cat([(labels == c).float() for c in classes], dim=1)
 
-    def forward(self, x: torch.Tensor, lesion_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, lesion_mask: torch.Tensor | None = None,
+                attention_from: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """``lesion_mask`` (training only, optional): the head's attention from the true masks
-        (:meth:`attention_from_labels`), (B, attention_channels, *spatial).
+        (:meth:`attention_from_labels`), (B, attention_channels, *spatial). ``attention_from`` (training only,
+        optional, without ``lesion_mask``): makes the head's attention from the decoder's own (detached), e.g. the
+        true lesion blended with it (training/attention.py).
 
         Attending to the true lesion while training lets the head learn the subtype from the first iteration,
         instead of waiting for the decoder to find lesions; at prediction it attends to the decoder's lesion.
@@ -263,6 +267,8 @@ class MultiTaskUNet(nn.Module):
             # detached: classification must not bend the segmentation
             with torch.autocast(x.device.type, enabled=False):
                 lesion_mask = self.attention_from_probabilities(torch.softmax(full.detach().float(), dim=1))
+                if attention_from is not None:
+                    lesion_mask = attention_from(lesion_mask)
         return segmentation, self._head(skips, x, lesion_mask)
 
     def classify(self, x: torch.Tensor, lesion_probability: torch.Tensor | None = None) -> torch.Tensor:

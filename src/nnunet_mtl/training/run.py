@@ -36,6 +36,7 @@ class TrainSettings:
     save_every: int | None = None
     subtype_loss_on_lesion_patches_only: bool | None = None
     attend_to_true_lesion: bool | None = None
+    imperfect_attention: float | None = None
     cpu_bf16: bool | None = None
     optimizer: str | None = None
     mirror_augmentation: bool | None = None

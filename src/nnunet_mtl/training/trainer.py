@@ -23,9 +23,10 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
   optionally scanner-shift intensity augmentation after nnU-Net's spatial transform (training/augmentation.py).
 - ``train_step`` / ``validation_step``: joint loss = nnU-Net's Dice+CE (deep supervision) + w x CE(subtype);
   options: the subtype loss over patches that show lesion only, and the attention head attending to the true
-  lesion while training. Opt-in (``cpu_bf16``): bfloat16 autocast on CPU, where nnU-Net uses none; 1.6x faster per
-  step here, but it gave non-finite convolution weight gradients on small networks, so such steps are skipped
-  (as nnU-Net's GradScaler skips fp16 overflow steps on CUDA) and it stays off by default.
+  lesion while training, optionally drawn badly in a share of patches (training/attention.py). Opt-in
+  (``cpu_bf16``): bfloat16 autocast on CPU, where nnU-Net uses none; 1.6x faster per step here, but it gave
+  non-finite convolution weight gradients on small networks, so such steps are skipped (as nnU-Net's GradScaler
+  skips fp16 overflow steps on CUDA) and it stays off by default.
 - ``on_train_epoch_end`` / ``on_validation_epoch_end``: log the loss parts and case-level validation numbers;
   nnU-Net's logger wants a value per epoch and key, so epochs without case-level validation log NaN (null in
   ``training_curves.json``) instead of repeating the last measurement.
@@ -58,6 +59,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_mtl.hardware import cpu_has_fast_bf16
 from nnunet_mtl.model.network import MultiTaskUNet, load_segmentation_weights
+from nnunet_mtl.training.attention import imperfect_attention
 from nnunet_mtl.training.augmentation import with_intensity_augmentation, with_lesion_contrast, with_thick_slices
 from nnunet_mtl.training.checkpoints import CheckpointMixin, read_checkpoint, to_plain
 from nnunet_mtl.training.dataloader import MultiTaskDataLoader, case_sampling_probabilities
@@ -99,6 +101,7 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         # against 0.20-0.38 with both off (12 cases), segmentation unchanged.
         self.subtype_loss_on_lesion_patches_only = True
         self.attend_to_true_lesion = True
+        self.imperfect_attention = 0.0  # share of training patches whose head attention is drawn badly (attention.py)
         self.cpu_bf16 = False
         self.optimizer_name = "sgd"  # or "adamw"
         self.mirror_augmentation = True
@@ -306,8 +309,14 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         full_target = target[0] if isinstance(target, list) else target
         lesion_mask = self.model.attention_from_labels(full_target) \
             if attend_to_true_lesion and self.lesion_label_present and self.model.attends else None
-        segmentation, logits = self.network(data, lesion_mask=lesion_mask) if lesion_mask is not None \
-            else self.network(data)
+        if lesion_mask is not None and self.imperfect_attention > 0:
+            true_attention, share = lesion_mask, self.imperfect_attention
+            segmentation, logits = self.network(data, attention_from=lambda predicted: imperfect_attention(
+                true_attention, predicted, share))
+        elif lesion_mask is not None:
+            segmentation, logits = self.network(data, lesion_mask=lesion_mask)
+        else:
+            segmentation, logits = self.network(data)
         if self.device.type == "cpu" and self.cpu_bf16:  # losses in fp32: bfloat16 has 8 bits of mantissa
             segmentation = [s.float() for s in segmentation] if isinstance(segmentation, (list, tuple)) \
                 else segmentation.float()
