@@ -572,3 +572,18 @@ def test_imperfect_attention_share_outside_zero_to_one_is_refused_at_the_command
         cli_main(["train", "1", "--imperfect-attention", "1.5"])
     assert raised.value.code == 2
     assert "share from 0 to 1" in capsys.readouterr().err
+
+
+def test_every_training_option_of_the_command_line_reaches_the_settings(monkeypatch, tmp_path):
+    """Each ``train`` flag lands in TrainSettings (an option parsed but not handed on is silently ignored)."""
+    import nnunet_mtl.training.run as run_module
+
+    seen = {}
+
+    def fake_train_folds(dataset, plans, folds, device, settings, **kwargs):
+        seen["settings"] = settings
+        return {"model_folder": str(tmp_path)}
+
+    monkeypatch.setattr(run_module, "train_folds", fake_train_folds)
+    assert cli_main(["train", "1", "--workdir", str(tmp_path), "--imperfect-attention", "0.5"]) == 0
+    assert seen["settings"].imperfect_attention == 0.5
