@@ -478,6 +478,26 @@ def test_trained_model_folder_has_validation_outputs(tiny_model):
     assert lesion_filters.choose([evidence[c][largest] for c in scores], not largest)["grid"] == filters["grid"]
 
 
+def test_validation_stores_each_case_under_every_acquisition_shift_and_calibrates_on_them(tiny_model):
+    """Training's validation predicts each validation case once per kind of shift (shift_calibration.py) and the
+    head's temperature in the model folder is the one fitted on those copies with the clean cases."""
+    from nnunet_mtl.model.subtype_classifier import load_classifier
+    from nnunet_mtl.training.shift_calibration import ACQUISITION_SHIFTS
+    from nnunet_mtl.training.subtype_fit import fit_classifier, load_records
+
+    records = load_records(tiny_model / "fold_0")
+    shifted = records["validation_shifted"]
+    assert len(shifted) == len(records["validation"]) * len(ACQUISITION_SHIFTS)
+    assert {r["case"] for r in shifted} == {r["case"] for r in records["validation"]}
+    assert {r["shift"].split("@")[0] for r in shifted} == set(ACQUISITION_SHIFTS)
+    clean = {r["case"]: r["fold_logits"] for r in records["validation"]}
+    assert any(not np.allclose(r["fold_logits"], clean[r["case"]]) for r in shifted)  # the shifts reach the head
+    stored = load_classifier(tiny_model)
+    assert stored.provenance["cnn_temperature_shifted_cases"] == len(shifted)
+    refit = fit_classifier([], records["validation"], stored.class_names, shifted=shifted)
+    assert stored.cnn_temperature == pytest.approx(refit.cnn_temperature)
+
+
 def test_validation_only_decides_the_postprocessing_again(tiny_model, tiny_env, fold_1_removed_afterwards):
     """nnU-Net's --val: a model trained before the lesion filters gets them without training again."""
     decision_file = tiny_model / "postprocessing.json"
@@ -585,5 +605,7 @@ def test_every_training_option_of_the_command_line_reaches_the_settings(monkeypa
         return {"model_folder": str(tmp_path)}
 
     monkeypatch.setattr(run_module, "train_folds", fake_train_folds)
-    assert cli_main(["train", "1", "--workdir", str(tmp_path), "--imperfect-attention", "0.5"]) == 0
+    assert cli_main(["train", "1", "--workdir", str(tmp_path), "--imperfect-attention", "0.5",
+                     "--shift-calibration", "no"]) == 0
     assert seen["settings"].imperfect_attention == 0.5
+    assert seen["settings"].shift_calibration is False

@@ -134,6 +134,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="features of the feature branch: all radiomics (default), or only those relative to the "
                             "parenchyma around the lesion (ratios to it, HU histogram shape), which a change of "
                             "scanner or contrast timing moves less")
+    group.add_argument("--shift-calibration", type=_bool, metavar="yes|no",
+                       help="also predict each validation case under 8 acquisition shifts (contrast timing, HU "
+                            "offset, kernel noise and blur, thick slices) and fit the head's temperature on those "
+                            "too, so its confidence holds on other scanners (default yes; 8 fast predictions per "
+                            "validation case)")
     group.add_argument("--case-validation-every", type=int,
                        help="epochs between case-level validations, the first and last epoch always "
                             "included (default 10: under 10 %% of a full-size epoch on a GPU)")
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         thick_slice_mm=args.thick_slice_mm, lesion_contrast_augmentation=args.lesion_contrast_augmentation,
         max_rotation_degrees=args.max_rotation_degrees,
         feature_model_kind=args.feature_model_kind, feature_set=args.feature_set,
-        lesion_loss_weight=args.lesion_loss_weight)
+        shift_calibration=args.shift_calibration, lesion_loss_weight=args.lesion_loss_weight)
     try:
         result = train_folds(args.dataset, args.plans, args.fold, args.device, settings, resume=args.resume,
                              initial_weights=args.initial_weights, validate=not args.no_validation,
@@ -200,6 +205,9 @@ def register_fit_classifier(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds whose records to use (default: all)")
     parser.add_argument("--feature-model", choices=["lda", "logistic"], default="lda")
     parser.add_argument("--feature-set", choices=["all", "relative"], default="all")
+    parser.add_argument("--shift-calibration", type=_bool, default=True, metavar="yes|no",
+                        help="fit the head's temperature also on the validation cases under acquisition shifts, "
+                             "where the records hold them (default yes)")
     parser.set_defaults(func=run_fit_classifier)
 
 
@@ -216,7 +224,7 @@ def run_fit_classifier(args: argparse.Namespace) -> int:
         raise CliError(f"{dataset_json} has no subtype_names")
     try:
         classifier = fit_from_model_folder(args.model, [names[str(i)] for i in range(len(names))], args.folds,
-                                           args.feature_model, args.feature_set)
+                                           args.feature_model, args.feature_set, args.shift_calibration)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     path = classifier.save(args.model)

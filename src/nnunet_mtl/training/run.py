@@ -45,6 +45,7 @@ class TrainSettings:
     lesion_contrast_augmentation: bool | None = None
     max_rotation_degrees: float | None = None
     feature_model_kind: str | None = None
+    shift_calibration: bool | None = None
     feature_set: str | None = None
     head_lr_scale: float | None = None
     lesion_loss_weight: float | None = None

@@ -2,7 +2,8 @@
 
 A record is what prediction says of one labelled case: its true subtype, the head's logits per fold and the radiomics
 of the lesion the model predicted (``None`` when it predicted none). Records are written beside each fold's
-validation (``fold_<k>/subtype_records.json``: ``validation`` = held-out cases, ``train`` = the fold's own training
+validation (``fold_<k>/subtype_records.json``: ``validation`` = held-out cases, ``validation_shifted`` = the same
+under acquisition shifts (head logits only, training/shift_calibration.py), ``train`` = the fold's own training
 cases predicted by its final weights), so the classifier can be refitted without predicting again
 (``nnunet-mtl fit-classifier``).
 
@@ -100,12 +101,14 @@ def with_feature_set(records: list[dict], feature_set: str) -> list[dict]:
 
 def fit_classifier(fit_rows: list[dict], heldout: list[dict], class_names: list[str], kind: str = "lda",
                    source: str = "", feature_heldout_logits: np.ndarray | None = None,
-                   feature_set: str = "all") -> SubtypeClassifier:
+                   feature_set: str = "all", shifted: list[dict] | None = None) -> SubtypeClassifier:
     """Fit the feature model on ``fit_rows`` (records with features) and calibrate and fuse on ``heldout``.
 
     ``feature_heldout_logits``: the feature model's logits for the held-out records when they come from elsewhere
     (out-of-fold fitting passes its cross-validated logits, since there the held-out cases are the fitted ones).
     ``feature_set``: which features the feature model uses (its names are stored with it, so predict follows).
+    ``shifted``: the held-out cases' records under acquisition shifts (training/shift_calibration.py); the head's
+    temperature is fitted on them and ``heldout`` together, and their numbers are reported as ``cnn_shifted*``.
     """
     n = len(class_names)
     fit_rows, heldout = with_feature_set(fit_rows, feature_set), with_feature_set(heldout, feature_set)
@@ -113,12 +116,21 @@ def fit_classifier(fit_rows: list[dict], heldout: list[dict], class_names: list[
     classifier = SubtypeClassifier(list(class_names))
     y_held = np.array([r["subtype"] for r in heldout], int)
     cnn = np.array([_cnn_logits(r) for r in heldout]).reshape(len(heldout), n)
-    classifier.cnn_temperature = fit_temperature(cnn, y_held, minimum=1.0) if len(heldout) else 1.0
+    shifted = [r for r in shifted or [] if r.get("fold_logits") is not None] if len(heldout) else []
+    y_shifted = np.array([r["subtype"] for r in shifted], int)
+    cnn_shifted = np.array([_cnn_logits(r) for r in shifted]).reshape(len(shifted), n)
+    classifier.cnn_temperature = fit_temperature(np.vstack([cnn, cnn_shifted]), np.concatenate([y_held, y_shifted]),
+                                                 minimum=1.0) if len(heldout) else 1.0
     cnn_log = log_softmax(cnn / classifier.cnn_temperature)
     provenance = {"source": source, "feature_model": kind, "feature_set": feature_set, "heldout_cases": len(heldout),
                   "feature_fit_cases": len(with_features), "cnn_temperature_cases": len(heldout)}
     validation = {"cnn_raw": variant_metrics(y_held, softmax(cnn), n) if len(heldout) else None,
                   "cnn": variant_metrics(y_held, np.exp(cnn_log), n) if len(heldout) else None}
+    if shifted:
+        provenance["cnn_temperature_shifted_cases"] = len(shifted)
+        provenance["shifts"] = sorted({r.get("shift", "") for r in shifted})
+        validation["cnn_shifted_raw"] = variant_metrics(y_shifted, softmax(cnn_shifted), n)
+        validation["cnn_shifted"] = variant_metrics(y_shifted, softmax(cnn_shifted / classifier.cnn_temperature), n)
     per_class = np.bincount([r["subtype"] for r in with_features], minlength=n)
     if per_class.min() >= MIN_CASES_PER_CLASS:
         y_fit = [r["subtype"] for r in with_features]
@@ -177,9 +189,11 @@ def choose_default_variant(validation: dict, n_heldout: int) -> str:
 
 
 def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequence[str] | None = None,
-                          kind: str = "lda", feature_set: str = "all") -> SubtypeClassifier:
+                          kind: str = "lda", feature_set: str = "all",
+                          shift_calibration: bool = True) -> SubtypeClassifier:
     """Fit from the records the model folder's folds wrote: out-of-fold when several folds' validation cases cover
-    their training cases, else from one fold's training and validation records."""
+    their training cases, else from one fold's training and validation records. ``shift_calibration``: use the
+    folds' ``validation_shifted`` records, where they exist, for the head's temperature."""
     model_dir = Path(model_dir)
     fold_dirs = [model_dir / f"fold_{f}" for f in folds] if folds else sorted(model_dir.glob("fold_*"))
     found = {d.name: load_records(d) for d in fold_dirs}
@@ -201,9 +215,11 @@ def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequen
             index = {id(r): i for i, r in enumerate(records)}
             for r, logits in zip(with_features, own):
                 feature_logits[index[id(r)]] = logits
+        shifted = [r for k in cross_validation for r in found[k].get("validation_shifted", [])] \
+            if shift_calibration else []
         return fit_classifier(records, records, class_names, kind,
                               f"out-of-fold predictions of {len(cross_validation)} cross-validation folds "
-                              f"({', '.join(sorted(cross_validation))})", feature_logits, feature_set)
+                              f"({', '.join(sorted(cross_validation))})", feature_logits, feature_set, shifted)
     name = "fold_0" if "fold_0" in found else sorted(found)[0]
     records = found[name]
     if not records.get("train"):
@@ -211,4 +227,5 @@ def fit_from_model_folder(model_dir: Path, class_names: list[str], folds: Sequen
     return fit_classifier(records["train"], records["validation"], class_names, kind,
                           f"{name}: feature model on its {len(records['train'])} training cases (as its final "
                           f"weights segment them), calibration and fusion on its {len(records['validation'])} "
-                          "validation cases", feature_set=feature_set)
+                          "validation cases", feature_set=feature_set,
+                          shifted=records.get("validation_shifted", []) if shift_calibration else [])

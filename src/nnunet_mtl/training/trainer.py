@@ -119,6 +119,8 @@ class nnUNetTrainerMTL(CaseValidationMixin, CheckpointMixin, nnUNetTrainer):
         # "fold": fit the subtype classifier after this fold's validation (one-fold training); "none": leave it to
         # the out-of-fold fit after all cross-validation folds (train --folds ...)
         self.subtype_fit = "fold"
+        # fit the head's temperature on the validation cases also under acquisition shifts (shift_calibration.py)
+        self.shift_calibration = True
         self.feature_model_kind = "lda"
         self.feature_set = "all"
         self.save_every = 1

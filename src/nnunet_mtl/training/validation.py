@@ -7,10 +7,12 @@ Overrides of :class:`nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer
 
 - ``perform_actual_validation``: nnU-Net's hard-codes the stock predictor, which fails on a network with two
   outputs; ours predicts masks and subtypes of the validation fold, exports them in the original geometry, stores
-  each case's subtype record and fits the subtype classifier (:mod:`~nnunet_mtl.training.subtype_fit`), decides the
-  largest-component postprocessing (as nnU-Net does after validation), then the false-lesion filters
-  (:mod:`nnunet_mtl.inference.lesion_filters`), stores the evidence for deciding both over several folds
-  (:mod:`~nnunet_mtl.training.fold_decisions`), and scores the fold as the task defines.
+  each case's subtype record (and, with ``shift_calibration``, the head's logits of each case under acquisition
+  shifts: :mod:`~nnunet_mtl.training.shift_calibration`) and fits the subtype classifier
+  (:mod:`~nnunet_mtl.training.subtype_fit`), decides the largest-component postprocessing (as nnU-Net does after
+  validation), then the false-lesion filters (:mod:`nnunet_mtl.inference.lesion_filters`), stores the evidence for
+  deciding both over several folds (:mod:`~nnunet_mtl.training.fold_decisions`), and scores the fold as the task
+  defines.
 
 New here: :meth:`CaseValidationMixin.case_level_validation`, run during training to pick the best checkpoint.
 """
@@ -40,6 +42,7 @@ from nnunet_mtl.inference.subtype import describe_case
 from nnunet_mtl.model.subtype_classifier import load_classifier, softmax
 from nnunet_mtl.tempfiles import owner_tag, remove_stale
 from nnunet_mtl.training.fold_decisions import save_evidence
+from nnunet_mtl.training.shift_calibration import ACQUISITION_SHIFTS, shifted_cases
 from nnunet_mtl.training.subtype_fit import MIN_CASES_PER_CLASS, fit_from_model_folder, save_records
 
 LESION_LABEL = 2
@@ -130,6 +133,24 @@ class CaseValidationMixin:
         return logits, record
 
     @torch.no_grad()
+    def shifted_validation_records(self) -> list[dict]:
+        """The validation cases under each acquisition shift (training/shift_calibration.py), predicted whole in
+        fast mode: the head's logits per case and shift (no features), for fitting the head's temperature."""
+        _, val_keys = self.do_split()
+        dataset = self._validation_dataset(val_keys)
+        predictor = self._predictor(fast=True)
+        scheme = self.configuration_manager.normalization_schemes[0]
+        properties = self.plans_manager.foreground_intensity_properties_per_channel.get("0")
+        records = []
+        for index, key in enumerate(dataset.identifiers):
+            data, _, _, _ = dataset.load_case(key)
+            for name, shifted in shifted_cases(np.asarray(data), self.configuration_manager.spacing, properties,
+                                               scheme, case_index=index):
+                records.append({**self._predict_record(predictor, key, shifted, with_features=False)[1],
+                                "shift": name})
+        return records
+
+    @torch.no_grad()
     def training_case_records(self) -> list[dict]:
         """The fold's own training cases as its final weights predict them (fast mode): what the feature classifier
         is fitted on when no out-of-fold predictions exist.
@@ -209,6 +230,11 @@ class CaseValidationMixin:
         fold_dir, model_dir = Path(self.output_folder), Path(self.output_folder_base)
         if self.local_rank == 0:
             save_records(fold_dir, "validation", records)
+            if self.shift_calibration:
+                started = time()
+                save_records(fold_dir, "validation_shifted", self.shifted_validation_records())
+                self.print_to_log_file(f"validation cases under {len(ACQUISITION_SHIFTS)} acquisition shifts "
+                                       f"predicted in {time() - started:.1f} s")
             if self.subtype_fit == "fold":
                 started = time()
                 save_records(fold_dir, "train", self.training_case_records())
