@@ -115,12 +115,16 @@ def train_site(workdir: Path, site: str, phantom: Path, epochs: int, iterations:
     plans = PLANS_CHOICES["demo"]
     extra = dict(extra or {})
     head = extra.pop("head", None)
+    demo_patch = extra.pop("demo_patch", None)
     if tag:  # an ablation: same plans under another identifier, so its model folder is its own
         plans = f"{PLANS_CHOICES['demo']}{tag}"
         content = json.loads((preprocessed / f"{PLANS_CHOICES['demo']}.json").read_text())
-        if head is not None:  # another head: the demo plans derived again from nnU-Net's own, with that head
+        if head is not None or demo_patch is not None:  # the demo plans derived again from nnU-Net's own, with
+            # another head or patch (as `plan --head H --demo-patch Z Y X` writes them)
             base = json.loads((preprocessed / f"{content['multitask']['base_plans']}.json").read_text())
-            content = derive_multitask_plans(base, content["multitask"]["subtype_names"], head=head, preset="demo")
+            content = derive_multitask_plans(base, content["multitask"]["subtype_names"],
+                                             head=head or content["multitask"]["head"], preset="demo",
+                                             demo_patch=demo_patch)
         content["plans_name"] = plans
         (preprocessed / f"{plans}.json").write_text(json.dumps(content, indent=1))
     model = work.results / paths.dataset_folder_name(dataset_id, name) / f"nnUNetTrainerMTL__{plans}__3d_fullres"
@@ -407,6 +411,8 @@ ABLATIONS: dict[str, dict] = {
     "long_context": {"epochs": 80, "head": "lesion_context"},
     # half the lesion patches show the head a badly drawn lesion (cut by a plane, blended with the decoder's own)
     "long_imperfect_attention": {"epochs": 80, "imperfect_attention": 0.5},
+    # a larger in-plane field of view (the demo's 24 x 48 x 48 sees a fifth of site A's 109 x 127 crop in-plane)
+    "long_patch64": {"epochs": 80, "demo_patch": (24, 64, 64)},
 }
 
 

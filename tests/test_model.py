@@ -222,6 +222,15 @@ def test_derived_plans_name_our_network_and_keep_the_preprocessed_data():
     assert demo["patch_size"] == [24, 48, 48]
     assert all(p % s == 0 for p, s in zip(demo["patch_size"], [4, 8, 8]))
     assert base["configurations"]["3d_fullres"]["architecture"]["network_class_name"] == PLAIN  # not mutated
+    # --demo-patch: another cap, rounded down to the strides (z 30 -> 28, y 70 -> 64), never above nnU-Net's 112 in x
+    wider = derive_multitask_plans(base, ["a", "b", "c"], preset="demo", demo_patch=(30, 70, 200))
+    assert wider["configurations"]["3d_fullres"]["patch_size"] == [28, 64, 112]
+    assert wider["multitask"]["demo_patch"] == [30, 70, 200]
+    assert derive_multitask_plans(base, ["a", "b", "c"], preset="demo")["multitask"].get("demo_patch") is None
+    with pytest.raises(ValueError, match="demo preset"):
+        derive_multitask_plans(base, ["a", "b", "c"], demo_patch=(24, 64, 64))
+    with pytest.raises(ValueError, match="three positive sizes"):
+        derive_multitask_plans(base, ["a", "b", "c"], preset="demo", demo_patch=(24, 0, 64))
 
 
 def test_summary_command_prints_true_counts(tmp_path):

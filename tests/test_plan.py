@@ -69,3 +69,8 @@ def test_nnunets_integrity_check_runs_only_when_asked(tiny_dataset, tmp_path, mo
     assert main(["plan", dataset_id, "--workdir", str(work)]) == 2
     assert "import the dataset with `nnunet-mtl import` first" in capsys.readouterr().err
     assert asked == [False, True]  # refused before nnU-Net was called
+
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "subtype_names": {"0": "a", "1": "b"}}))
+    assert main(["plan", dataset_id, "--workdir", str(work), "--demo-patch", "24", "64", "64"]) == 2
+    assert "give --preset demo with it" in capsys.readouterr().err
+    assert asked == [False, True]  # a demo patch without the demo preset: refused before nnU-Net too

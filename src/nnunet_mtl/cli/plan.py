@@ -12,11 +12,13 @@ writes into nnUNet_preprocessed/Dataset<NNN>_<name>/:
   nnUNetPlans_3d_fullres/                             nnU-Net's preprocessed data (shared by all plans below)
   nnUNetPlans_MTL.json                                multi-task plans: our network around nnU-Net's U-Net
   nnUNetPlans_MTLdemo.json                            with --preset demo: 4 stages, 16 base features, patch
-                                                      <= 32x64x64, batch 2 (trains on 2 CPU cores in minutes)
+                                                      <= 24x48x48 (--demo-patch), batch 2 (trains on 2 CPU
+                                                      cores in minutes)
   splits_final.json                                   copied from the import by nnU-Net: fold 0 = published split
 
 examples:
   nnunet-mtl plan 501 --preset demo
+  nnunet-mtl plan 501 --preset demo --demo-patch 24 64 64
   nnunet-mtl plan Dataset501_Pancreas --planner resenc-m --head multiscale
 """
 
@@ -38,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "plus the gland around the lesion: its intensity and the lesion's contrast with it), "
                              "bottleneck (the report's global average pool + linear) or multiscale (global avg+max "
                              "pool of the last 3 stages + MLP)")
+    parser.add_argument("--demo-patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="the demo preset's largest patch (default 24 48 48; rounded down to what the "
+                             "network's strides divide, never above nnU-Net's own patch): a larger field of view "
+                             "costs training time in proportion to its voxels")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default: nnUNet_def_n_proc)")
     parser.add_argument("--force", action="store_true", help="redo fingerprint and preprocessing")
     parser.add_argument("--check-dataset", action="store_true",
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         written = plan_and_preprocess(args.dataset, args.planner, args.preset, args.head, args.processes,
-                                      args.force, args.check_dataset)
+                                      args.force, args.check_dataset, demo_patch=args.demo_patch)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise CliError(str(e)) from None
     for name, path in written.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,11 @@ def dataset_name(dataset: str | int) -> str:
 
 
 def derive_multitask_plans(base_plans: dict, subtype_names: list[str], head: str = DEFAULT_HEAD,
-                           preset: str | None = None) -> dict:
-    """Return a copy of nnU-Net's plans whose 3d_fullres network is our MultiTaskUNet around the planned U-Net."""
+                           preset: str | None = None, demo_patch: Sequence[int] | None = None) -> dict:
+    """Return a copy of nnU-Net's plans whose 3d_fullres network is our MultiTaskUNet around the planned U-Net.
+
+    ``demo_patch`` (z, y, x) replaces the demo preset's patch cap (``DEMO_MAX_PATCH``): a larger field of view for
+    the same small network, never larger than nnU-Net's own patch."""
     if CONFIGURATION not in base_plans["configurations"]:
         raise ValueError(f"nnU-Net planned no {CONFIGURATION} configuration for this dataset")
     plans = deepcopy(base_plans)
@@ -76,14 +80,20 @@ def derive_multitask_plans(base_plans: dict, subtype_names: list[str], head: str
     architecture["network_class_name"] = MTL_NETWORK_CLASS
     plans["multitask"] = {"base_plans": base_name, "subtype_names": list(subtype_names), "head": head,
                           "preset": preset}
+    if demo_patch is not None and preset != "demo":
+        raise ValueError("a demo patch is a setting of the demo preset: give preset 'demo' with it")
     if preset == "demo":
-        _shrink_for_demo(configuration)
+        if demo_patch is not None:
+            if len(demo_patch) != 3 or min(demo_patch) < 1:
+                raise ValueError(f"demo patch must be three positive sizes (z y x), got {list(demo_patch)}")
+            plans["multitask"]["demo_patch"] = [int(v) for v in demo_patch]
+        _shrink_for_demo(configuration, tuple(demo_patch) if demo_patch is not None else DEMO_MAX_PATCH)
     elif preset is not None:
         raise ValueError(f"unknown preset {preset!r} (known: demo)")
     return plans
 
 
-def _shrink_for_demo(configuration: dict) -> None:
+def _shrink_for_demo(configuration: dict, max_patch: Sequence[int] = DEMO_MAX_PATCH) -> None:
     """Fewer stages, fewer features, a small patch: same preprocessing, a network a 2-core CPU trains in minutes."""
     kwargs = configuration["architecture"]["arch_kwargs"]
     n_stages = min(DEMO_STAGES, kwargs["n_stages"])
@@ -97,7 +107,7 @@ def _shrink_for_demo(configuration: dict) -> None:
     for stride in kwargs["strides"]:
         divisor = [d * s for d, s in zip(divisor, stride)]
     patch = []
-    for size, cap, div in zip(configuration["patch_size"], DEMO_MAX_PATCH[-len(divisor):], divisor):
+    for size, cap, div in zip(configuration["patch_size"], tuple(max_patch)[-len(divisor):], divisor):
         patch.append(max(div, (min(size, cap) // div) * div))
     configuration["patch_size"] = patch
     configuration["batch_size"] = DEMO_BATCH_SIZE
@@ -118,7 +128,8 @@ def _write_json_atomic(path: Path, content: dict) -> None:
 
 def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: str | None = None,
                         head: str = DEFAULT_HEAD, num_processes: int | None = None,
-                        force: bool = False, check_dataset: bool = False) -> dict[str, Path]:
+                        force: bool = False, check_dataset: bool = False,
+                        demo_patch: Sequence[int] | None = None) -> dict[str, Path]:
     """Fingerprint, plan and preprocess with nnU-Net, then write the derived multi-task plans.
 
     nnU-Net's planner itself copies the importer's splits_final.json (fold 0 = the published split) from raw.
@@ -146,6 +157,8 @@ def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: st
     n_proc = num_processes or int(os.environ.get("nnUNet_def_n_proc", "2"))
     dataset_json = json.loads((raw_folder / "dataset.json").read_text())
     subtypes = subtype_names_from_dataset_json(dataset_json)  # refused here, before any work, if not imported
+    if demo_patch is not None and preset != "demo":
+        raise ValueError("--demo-patch sets the demo preset's patch: give --preset demo with it")
 
     fingerprint = preprocessed_folder / "dataset_fingerprint.json"
     if force or not fingerprint.is_file():
@@ -160,7 +173,8 @@ def plan_and_preprocess(dataset: str | int, planner: str = "default", preset: st
 
     written = {}
     for this_preset in [None] + ([preset] if preset else []):
-        plans = derive_multitask_plans(base_plans, subtypes, head=head, preset=this_preset)
+        plans = derive_multitask_plans(base_plans, subtypes, head=head, preset=this_preset,
+                                       demo_patch=demo_patch if this_preset == "demo" else None)
         target = preprocessed_folder / f"{plans['plans_name']}.json"
         _write_json_atomic(target, plans)
         written[plans["plans_name"]] = target
