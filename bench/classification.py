@@ -198,9 +198,14 @@ def truth_subtypes(phantom: Path) -> dict[str, int]:
 
 
 def true_lesion_moments(phantom: Path, split: str) -> dict[str, tuple[list[float], int]]:
-    """Mean and SD of HU in the true lesion of each case of a split (original grid): the two-feature check."""
+    """Mean and SD of HU in the true lesion of each case of a split (original grid): the two-feature check. A pooled
+    folder (``phantom_A+C``) holds no phantom.json of its own: its member sites' cases, keyed ``site:case``."""
     import SimpleITK as sitk
 
+    if (phantom / "pool.json").is_file():
+        members = json.loads((phantom / "pool.json").read_text())["sites"]
+        return {f"{site}:{name}": value for site in members
+                for name, value in true_lesion_moments(phantom.parent / f"phantom_{site}", split).items()}
     summary = json.loads((phantom / "phantom.json").read_text())
     out = {}
     for case in summary["cases"]:
