@@ -6,7 +6,8 @@ absolute response over soft-tissue voxels, in HU), takes the training site's tra
 reference, and smooths in-plane only the test images whose noise lies above the reference's 95th percentile, with
 the Gaussian sigma (voxels, found by bisection) that brings them to the reference median. It then predicts the
 smoothed test set with the trained model and compares, on the same cases, against the model's predictions on the
-original images: subtype macro-F1 and ECE (paired bootstrap), and lesion-wise figures via ``nnunet-mtl evaluate``.
+original images: ``bench/arms.py`` with the two as arms (subtype macro-F1 and ECE, lesion sensitivity, false lesions
+and lesion Dice, each with its paired bootstrap interval). Every test image is predicted again, smoothed or not.
 
   python bench/noise_harmonisation.py --workdir /work/bench_cls --run A_long --sites B A
 
@@ -91,14 +92,14 @@ def harmonise_site(phantom: Path, out: Path, ref: dict) -> dict:
         before = noise_hu(hu)
         sigma = sigma_for(hu, ref["median"]) if before > ref["p95"] else 0.0
         target = out / "test" / path.name
+        after = smoothed(hu, sigma)
         if sigma > 0:
-            result = sitk.GetImageFromArray(np.rint(smoothed(hu, sigma)).astype(np.int16))
+            result = sitk.GetImageFromArray(np.rint(after).astype(np.int16))
             result.CopyInformation(image)
             sitk.WriteImage(result, str(target), useCompression=True)
         elif not target.exists():
             target.symlink_to(path)
-        facts[path.name] = {"noise_before": round(before, 2), "sigma": sigma,
-                            "noise_after": round(noise_hu(smoothed(hu, sigma)), 2)}
+        facts[path.name] = {"noise_before": round(before, 2), "sigma": sigma, "noise_after": round(noise_hu(after), 2)}
     facts_path.write_text(json.dumps({"reference": ref, "cases": facts}, indent=1))
     return {"reference": ref, "cases": facts}
 
